@@ -1,0 +1,124 @@
+"""Ragged paged attention: one call serves a mixed batch of decodes and prefill chunks.
+
+Layout (shared by the reference and the kernel):
+  q               [T, num_q_heads, head_dim]   new tokens of every sequence, packed
+  k_cache/v_cache [num_pages, page_size, num_kv_heads, head_dim]
+  kv_lens         [S] int32  context length of each sequence *including* its new tokens
+  block_tables    [S, max_pages] int32  page ids of each sequence, in order
+  query_start_loc [S+1] int32  sequence s owns q[query_start_loc[s]:query_start_loc[s+1]]
+Padded sequences have q_len 0 (and kv_len 0); padded tokens past query_start_loc[S] get
+unspecified output. The new tokens of a sequence are the last q_len positions of its
+context, so attention is causal over them.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Queries of one sequence are processed in tiles of this many tokens by the reference.
+_REFERENCE_Q_TILE = 16
+
+
+def write_kv_to_pages(k_cache, v_cache, k, v, slot_mapping):
+    """Scatter the new tokens' K/V [T, Hkv, D] into their slots (page * page_size + offset).
+
+    Slots outside the cache (padding tokens use num_pages * page_size) are dropped. Under a
+    jit that donates the cache this is an in-place update of T rows, never a cache copy.
+    """
+    num_pages, page_size, hkv, d = k_cache.shape
+    flat = (num_pages * page_size, hkv, d)
+    k_cache = k_cache.reshape(flat).at[slot_mapping].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.reshape(flat).at[slot_mapping].set(v.astype(v_cache.dtype), mode="drop")
+    return k_cache.reshape(num_pages, page_size, hkv, d), v_cache.reshape(num_pages, page_size, hkv, d)
+
+
+def _query_tiles(query_start_loc, num_tokens, q_tile):
+    """Split every sequence's queries into tiles of q_tile tokens (static upper bound on count)."""
+    num_seqs = query_start_loc.shape[0] - 1
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    tiles_per_seq = (q_lens + q_tile - 1) // q_tile
+    tile_end = jnp.cumsum(tiles_per_seq)
+    num_tiles = num_tokens // q_tile + num_seqs  # sum(ceil(len/tile)) <= T/tile + S
+    tile_ids = jnp.arange(num_tiles, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(tile_end, tile_ids, side="right"), num_seqs - 1)
+    local = tile_ids - (tile_end[seq] - tiles_per_seq[seq])
+    valid = tile_ids < tile_end[-1]
+    tile_len = jnp.where(valid, jnp.clip(q_lens[seq] - local * q_tile, 0, q_tile), 0)
+    return seq, local, tile_len, q_lens
+
+
+def ragged_paged_attention_reference(
+    q, k_cache, v_cache, kv_lens, block_tables, query_start_loc,
+    *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
+):
+    """Plain XLA ragged paged attention; the correctness reference for the kernels."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    q_tile = min(_REFERENCE_Q_TILE, num_tokens)
+    seq, local, tile_len, q_lens = _query_tiles(query_start_loc, num_tokens, q_tile)
+
+    offs = jnp.arange(q_tile, dtype=jnp.int32)
+    tok = query_start_loc[seq][:, None] + local[:, None] * q_tile + offs[None, :]  # [N, Qt]
+    tok_valid = offs[None, :] < tile_len[:, None]
+    qt = q[jnp.clip(tok, 0, num_tokens - 1)]  # [N, Qt, Hq, D]
+    qt = qt.reshape(*qt.shape[:2], num_kv_heads, group, head_dim)
+
+    pages = block_tables[seq]  # [N, P]
+    kt = k_cache[pages].reshape(pages.shape[0], -1, num_kv_heads, head_dim)  # [N, C, Hkv, D]
+    vt = v_cache[pages].reshape(pages.shape[0], -1, num_kv_heads, head_dim)
+
+    kv_len = kv_lens[seq]
+    q_pos = (kv_len - q_lens[seq])[:, None] + local[:, None] * q_tile + offs[None, :]  # [N, Qt]
+    k_pos = jnp.arange(kt.shape[1], dtype=jnp.int32)
+    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < kv_len[:, None, None])
+    if sliding_window is not None:
+        mask &= q_pos[:, :, None] - k_pos[None, None, :] < sliding_window
+
+    s = jnp.einsum("nqhgd,nchd->nhgqc", qt, kt, preferred_element_type=jnp.float32) * sm_scale
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    s = jnp.where(mask[:, None, None, :, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0, 1.0, denom)
+    o = jnp.einsum("nhgqc,nchd->nqhgd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
+    o = o.reshape(o.shape[0], q_tile, num_q_heads, head_dim).astype(q.dtype)
+
+    dest = jnp.where(tok_valid, tok, num_tokens)  # invalid rows are dropped
+    out = jnp.zeros_like(q)
+    return out.at[dest.reshape(-1)].set(o.reshape(-1, num_q_heads, head_dim), mode="drop")
+
+
+def ragged_paged_attention(
+    q, k_cache, v_cache, kv_lens, block_tables, query_start_loc,
+    *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
+    impl: str = "auto", interpret: bool = False,
+):
+    """The engine's attention entry point.
+
+    impl: "auto" picks the Pallas kernel on GPU and the XLA reference elsewhere; "xla" and
+    "pallas" force one. interpret=True runs the Pallas kernel in interpret mode (CPU tests).
+    """
+    if impl == "auto":
+        impl = "pallas" if (jax.default_backend() == "gpu" and _pallas_available()) else "xla"
+    if impl == "xla":
+        return ragged_paged_attention_reference(
+            q, k_cache, v_cache, kv_lens, block_tables, query_start_loc,
+            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if impl == "pallas":
+        from kernels_pallas import ragged_paged_attention_triton as triton_impl
+        return triton_impl.ragged_paged_attention_pallas(
+            q, k_cache, v_cache, kv_lens, block_tables, query_start_loc,
+            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+            interpret=interpret)
+    raise ValueError(f"impl must be 'auto', 'xla' or 'pallas', got {impl!r}")
+
+
+def _pallas_available() -> bool:
+    try:
+        from kernels_pallas import ragged_paged_attention_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
