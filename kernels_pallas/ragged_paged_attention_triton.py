@@ -1,0 +1,462 @@
+"""Ragged paged attention as a Pallas kernel lowered through Triton (NVIDIA and AMD GPUs).
+
+Same op, layout and semantics as `ragged_paged_attention_reference` in
+`kernels_pallas.ragged_paged_attention`:
+
+  q               [T, Hq, D]                     new tokens of every sequence, packed
+  k_cache/v_cache [num_pages, page_size, Hkv, D]
+  kv_lens         [S]      context length of each sequence, new tokens included
+  block_tables    [S, max_pages]
+  query_start_loc [S+1]
+
+How the work is laid out
+------------------------
+A program handles one *query tile* of one KV head: `block_m` rows, each row a
+(new token, query head) pair of the query heads that share that KV head, token-major.
+So the K/V pages of a KV head are read once per tile for all of its query heads (GQA).
+The program walks the tile's visible context in steps of `block_n` tokens: for every
+step it looks the pages up in the block table, gathers the K and V rows of its KV head
+straight out of the paged cache, and runs an online (flash) softmax in float32.
+Steps that no mask can touch (all keys visible to all rows) run in a loop without any
+masking; the causal diagonal, the sliding-window edge and the partially filled last
+page run in a masked loop.
+
+Grids are static while the batch is ragged, so the mapping tile -> (sequence, first
+token, token count, first position) is computed with plain JAX ops before the kernel
+and handed in as an int32 table; tiles past the real work have a token count of 0 and
+return at once.
+
+Sequences are served by one of two launches of the same kernel body, chosen per
+sequence at run time from its number of new tokens:
+
+* "decode" tiles: sequences with at most `decode.block_m // group` new tokens (decodes,
+  short speculative chunks). One tile per sequence, small `block_m`. When the batch is
+  too small to fill the GPU, the context is split into `num_kv_splits` parts
+  (flash-decoding): each part writes a partial output and its log-sum-exp, and a small
+  JAX combine step merges them.
+* "prefill" tiles: the other sequences, cut into tiles of `prefill.block_m // group`
+  tokens, large `block_m` for matrix-unit efficiency.
+
+Both write into the same output buffer (the second launch aliases the first one's
+output), so a mixed batch of decodes and prefill chunks is one call.
+
+Every Triton-specific parameter lives in `KernelConfig` and the constants right below
+it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# --------------------------------------------------------------------------------------
+# Triton parameters: the only place where block sizes, warps and stages are chosen.
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tile shape and Triton launch parameters of one launch of the kernel.
+
+    block_m:    rows per program; a row is one (new token, query head) pair. Powers of 2.
+    block_n:    context tokens per inner step (any multiple or divisor of the page size
+                works; a power of 2, at least 16).
+    num_warps:  Triton warps per program.
+    num_stages: Triton software-pipelining depth of the inner loops.
+    """
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Decode-like tiles: few rows, memory bound; the wide inner step keeps many bytes in flight.
+DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, num_warps=4, num_stages=3)
+# Prefill tiles: matrix-unit bound.
+PREFILL_CONFIG = KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+# Float32 operands (or head_dim > 128) need half the shared memory per stage.
+DECODE_CONFIG_WIDE = KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)
+PREFILL_CONFIG_WIDE = KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+# Split-KV heuristic for decode tiles: aim for this many programs per multiprocessor ...
+SPLIT_PROGRAMS_PER_SM = 2
+# ... with at most this many splits, each covering at least this many inner steps.
+MAX_KV_SPLITS = 32
+MIN_STEPS_PER_SPLIT = 4
+# Multiprocessor count used when the device does not report one (interpret mode on CPU).
+DEFAULT_NUM_SMS = 132
+
+
+def _compiler_params(cfg: KernelConfig):
+    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+    return cls(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def default_configs(dtype, head_dim: int) -> tuple[KernelConfig, KernelConfig]:
+    """(decode, prefill) configs for operands of `dtype` and `head_dim`."""
+    wide = jnp.dtype(dtype).itemsize * _pow2(head_dim) > 256
+    if wide:
+        return DECODE_CONFIG_WIDE, PREFILL_CONFIG_WIDE
+    return DECODE_CONFIG, PREFILL_CONFIG
+
+
+def _num_sms() -> int:
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:  # pragma: no cover
+        return DEFAULT_NUM_SMS
+    if dev.platform != "gpu":
+        return DEFAULT_NUM_SMS
+    return int(getattr(dev, "core_count", 0) or DEFAULT_NUM_SMS)
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def auto_num_kv_splits(num_seqs: int, num_kv_heads: int, max_context: int,
+                       block_n: int, num_sms: int | None = None) -> int:
+    """Splits of the context for decode tiles so that small batches still fill the GPU."""
+    num_sms = _num_sms() if num_sms is None else num_sms
+    programs = num_seqs * num_kv_heads
+    want = -(-SPLIT_PROGRAMS_PER_SM * num_sms // programs)
+    useful = max(1, (-(-max_context // block_n)) // MIN_STEPS_PER_SPLIT)
+    return int(max(1, min(want, useful, MAX_KV_SPLITS)))
+
+
+# --------------------------------------------------------------------------------------
+# The kernel body.
+# --------------------------------------------------------------------------------------
+
+_LOG2E = math.log2(math.e)
+
+
+def _row_ref(ref, idx0, idx1, dp: int):
+    """ref[idx0, idx1, :dp] as a [rows, dp] view; idx0 a vector, idx1 a vector or scalar.
+
+    Every index is an integer array (no slices), which both the Triton lowering and
+    interpret mode accept for gathers; contiguity along the last axis is still visible to
+    Triton, so the loads stay vectorized.
+    """
+    col = jnp.arange(dp, dtype=jnp.int32)[None, :]
+    idx1 = idx1[:, None] if getattr(idx1, "ndim", 0) else idx1
+    return ref.at[idx0[:, None], idx1, col]
+
+
+def _attention_kernel(meta_ref, q_ref, k_ref, v_ref, bt_ref, *refs, group: int,
+                      head_dim: int, page_size: int, cfg: KernelConfig, sm_scale: float,
+                      soft_cap: float | None, sliding_window: int | None,
+                      num_splits: int, split_out: bool, aliased: bool):
+    if aliased:
+        refs = refs[1:]  # the aliased input; the kernel writes through the output ref
+    block_m, block_n = cfg.block_m, cfg.block_n
+    dp = _pow2(head_dim)
+    tile, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    seq = meta_ref[tile, 0]
+    tok0 = meta_ref[tile, 1]
+    ntok = meta_ref[tile, 2]
+    pos0 = meta_ref[tile, 3]
+
+    rows = jnp.arange(block_m, dtype=jnp.int32)
+    row_tok = rows // group
+    row_head = kv_head * group + rows % group
+    row_ok = row_tok < ntok
+    q_pos = pos0 + row_tok
+    dmask = None if dp == head_dim else (jnp.arange(dp, dtype=jnp.int32) < head_dim)[None, :]
+
+    def masked_load(ref, mask, n):
+        if dmask is not None:
+            mask = mask & dmask
+        return plgpu.load(ref, mask=jnp.broadcast_to(mask, (n, dp)), other=0)
+
+    @pl.when(ntok > 0)
+    def _():
+        q = masked_load(_row_ref(q_ref, tok0 + row_tok, row_head, dp), row_ok[:, None],
+                        block_m)
+
+        kv_end = pos0 + ntok  # exclusive; the last row sees keys [.., kv_end)
+        if sliding_window is not None:
+            kv_start = jnp.maximum(pos0 - sliding_window + 1, 0)
+        else:
+            kv_start = jnp.int32(0)
+        b_lo = kv_start // block_n
+        b_hi = (kv_end + block_n - 1) // block_n
+        if num_splits > 1:
+            per = (b_hi - b_lo + num_splits - 1) // num_splits
+            s_lo = jnp.minimum(b_lo + split * per, b_hi)
+            s_hi = jnp.minimum(s_lo + per, b_hi)
+        else:
+            s_lo, s_hi = b_lo, b_hi
+        # Steps [full_lo, full_hi) are visible to every row of the tile: no masking.
+        full_hi = (pos0 + 1) // block_n
+        if sliding_window is not None:
+            last = kv_end - 1
+            full_lo = (jnp.maximum(last - sliding_window + 1, 0) + block_n - 1) // block_n
+        else:
+            full_lo = b_lo
+
+        if soft_cap is not None:
+            pre, post = sm_scale / soft_cap, soft_cap * _LOG2E
+        else:
+            pre, post = sm_scale * _LOG2E, None
+        kv_cols = jnp.arange(block_n, dtype=jnp.int32)
+
+        def step(b, carry, masked: bool):
+            acc, m_i, l_i = carry
+            kpos = b * block_n + kv_cols
+            if masked:
+                kv_ok = kpos < kv_end
+                page = plgpu.load(bt_ref.at[seq, kpos // page_size], mask=kv_ok, other=0)
+            else:
+                page = bt_ref[seq, kpos // page_size]
+            slot = page * page_size + kpos % page_size
+            k_view = _row_ref(k_ref, slot, kv_head, dp)
+            if masked:
+                k = masked_load(k_view, kv_ok[:, None], block_n)
+            elif dmask is not None:
+                k = masked_load(k_view, jnp.ones((block_n, 1), jnp.bool_), block_n)
+            else:
+                k = k_view[...]
+            s = lax.dot_general(q, k.astype(q.dtype), (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+            if post is None:
+                s = s * pre
+            else:
+                s = jnp.tanh(s * pre) * post
+            if masked:
+                vis = kpos[None, :] <= q_pos[:, None]
+                if sliding_window is not None:
+                    vis = vis & (q_pos[:, None] - kpos[None, :] < sliding_window)
+                s = jnp.where(vis, s, -jnp.inf)
+            m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+            if masked:  # a row may have seen nothing yet: keep exp2 away from inf - inf
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            else:
+                m_use = m_new
+            alpha = jnp.exp2(m_i - m_use)
+            p = jnp.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + jnp.sum(p, axis=1)
+            v_view = _row_ref(v_ref, slot, kv_head, dp)
+            if masked:
+                v = masked_load(v_view, kv_ok[:, None], block_n)
+            elif dmask is not None:
+                v = masked_load(v_view, jnp.ones((block_n, 1), jnp.bool_), block_n)
+            else:
+                v = v_view[...]
+            pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+            acc = acc * alpha[:, None] + pv
+            return acc, m_new, l_i
+
+        carry = (jnp.zeros((block_m, dp), jnp.float32),
+                 jnp.full((block_m,), -jnp.inf, jnp.float32),
+                 jnp.zeros((block_m,), jnp.float32))
+        if sliding_window is not None:
+            carry = lax.fori_loop(s_lo, jnp.minimum(s_hi, full_lo),
+                                  functools.partial(step, masked=True), carry)
+        carry = lax.fori_loop(jnp.maximum(s_lo, full_lo), jnp.minimum(s_hi, full_hi),
+                              functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(jnp.maximum(jnp.maximum(s_lo, full_lo), full_hi), s_hi,
+                              functools.partial(step, masked=True), carry)
+        acc, m_i, l_i = carry
+
+        if split_out:
+            o_ref, lse_ref = refs
+            empty = l_i == 0.0
+            l_safe = jnp.where(empty, 1.0, l_i)
+            o = acc / l_safe[:, None]
+            lse = jnp.where(empty, -jnp.inf, m_i + jnp.log2(l_safe))
+            o_ref[split, tile, kv_head, :, :] = o
+            lse_ref[split, tile, kv_head, :] = lse
+        else:
+            (o_ref,) = refs
+            o = (acc / l_i[:, None]).astype(o_ref.dtype)
+            o_view = _row_ref(o_ref, tok0 + row_tok, row_head, dp)
+            mask = row_ok[:, None] if dmask is None else row_ok[:, None] & dmask
+            plgpu.store(o_view, o, mask=jnp.broadcast_to(mask, (block_m, dp)))
+
+
+def _launch(meta, q, k_flat, v_flat, block_tables, out, *, group, head_dim, page_size,
+            cfg, sm_scale, soft_cap, sliding_window, num_splits, split_out, interpret,
+            name):
+    """One pallas_call over grid (tiles, kv_heads, splits)."""
+    num_tokens, num_q_heads, _ = q.shape
+    num_kv_heads = k_flat.shape[1]
+    num_tiles = meta.shape[0]
+    dp = _pow2(head_dim)
+    kernel = functools.partial(
+        _attention_kernel, group=group, head_dim=head_dim, page_size=page_size, cfg=cfg,
+        sm_scale=float(sm_scale), soft_cap=None if soft_cap is None else float(soft_cap),
+        sliding_window=None if sliding_window is None else int(sliding_window),
+        num_splits=num_splits, split_out=split_out, aliased=out is not None)
+    if split_out:
+        out_shape = (
+            jax.ShapeDtypeStruct((num_splits, num_tiles, num_kv_heads, cfg.block_m, dp),
+                                 jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, num_tiles, num_kv_heads, cfg.block_m),
+                                 jnp.float32),
+        )
+    else:
+        out_shape = jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), q.dtype)
+    args = [meta, q, k_flat, v_flat, block_tables]
+    aliases = {}
+    if out is not None:
+        aliases = {len(args): 0}
+        args.append(out)
+    return pl.pallas_call(
+        kernel,
+        grid=(num_tiles, num_kv_heads, num_splits),
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=_compiler_params(cfg),
+        interpret=interpret,
+        name=name,
+    )(*args)
+
+
+# --------------------------------------------------------------------------------------
+# Tile tables (plain JAX, before the kernel).
+# --------------------------------------------------------------------------------------
+
+def _decode_tiles(query_start_loc, kv_lens, max_q):
+    """One tile per sequence with 1..max_q new tokens; others get a token count of 0."""
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    num_seqs = q_lens.shape[0]
+    small = (q_lens >= 1) & (q_lens <= max_q)
+    seq = jnp.arange(num_seqs, dtype=jnp.int32)
+    ntok = jnp.where(small, q_lens, 0)
+    pos0 = kv_lens - q_lens
+    return jnp.stack([seq, query_start_loc[:-1], ntok, pos0], axis=1).astype(jnp.int32), small
+
+
+def _prefill_tiles(query_start_loc, kv_lens, min_q, q_tile, num_tiles):
+    """Tiles of q_tile tokens of the sequences with more than min_q new tokens.
+
+    The heaviest tiles (latest in each sequence, longest context) come first.
+    """
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    num_seqs = q_lens.shape[0]
+    big_lens = jnp.where(q_lens > min_q, q_lens, 0)
+    per_seq = (big_lens + q_tile - 1) // q_tile
+    tile_end = jnp.cumsum(per_seq)
+    ids = jnp.arange(num_tiles, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(tile_end, ids, side="right"), num_seqs - 1)
+    local = ids - (tile_end[seq] - per_seq[seq])
+    valid = ids < tile_end[-1]
+    ntok = jnp.where(valid, jnp.clip(big_lens[seq] - local * q_tile, 0, q_tile), 0)
+    tok0 = query_start_loc[seq] + local * q_tile
+    pos0 = kv_lens[seq] - q_lens[seq] + local * q_tile
+    meta = jnp.stack([seq, tok0, ntok, pos0], axis=1).astype(jnp.int32)
+    return meta[::-1]
+
+
+def _combine_splits(o_part, lse, meta, group, head_dim, out, num_tokens):
+    """Merge flash-decoding partials [splits, tiles, Hkv, M, dp] into out rows."""
+    m = jnp.max(lse, axis=0)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp2(lse - m_safe[None])  # [splits, tiles, Hkv, M]
+    denom = jnp.sum(w, axis=0)
+    o = jnp.einsum("stkm,stkmd->tkmd", w, o_part) / jnp.where(denom == 0, 1.0, denom)[..., None]
+    _, num_kv_heads, block_m, _ = o.shape
+    rows = jnp.arange(block_m, dtype=jnp.int32)
+    row_tok = rows // group
+    heads = jnp.arange(num_kv_heads, dtype=jnp.int32)[:, None] * group + (rows % group)[None, :]
+    tok = meta[:, 1][:, None, None] + row_tok[None, None, :]  # [tiles, 1, M]
+    ok = row_tok[None, None, :] < meta[:, 2][:, None, None]
+    tok = jnp.broadcast_to(jnp.where(ok, tok, num_tokens), o.shape[:3])
+    heads = jnp.broadcast_to(heads[None], o.shape[:3])
+    vals = o[..., :head_dim].astype(out.dtype)
+    return out.at[tok, heads].set(vals, mode="drop")
+
+
+# --------------------------------------------------------------------------------------
+# Entry point.
+# --------------------------------------------------------------------------------------
+
+def ragged_paged_attention_pallas(
+    q, k_cache, v_cache, kv_lens, block_tables, query_start_loc,
+    *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
+    interpret: bool = False, num_kv_splits: int | None = None,
+    decode_config: KernelConfig | None = None, prefill_config: KernelConfig | None = None,
+    out_init=None,
+):
+    """Ragged paged attention for a mixed batch of decodes and prefill chunks.
+
+    num_kv_splits: context splits of decode tiles (flash-decoding); None picks from the
+      batch size and the device's multiprocessor count.
+    decode_config / prefill_config: override the Triton parameters (benchmarks, tuning).
+    out_init: optional [T, Hq, D] buffer the output is written into; rows the kernel
+      does not write (padding tokens) keep its values. Tests pass a NaN-filled buffer to
+      catch rows the kernel failed to write.
+    """
+    return _ragged_paged_attention(
+        q, k_cache, v_cache, kv_lens, block_tables, query_start_loc, out_init,
+        sm_scale=float(sm_scale),
+        sliding_window=None if sliding_window is None else int(sliding_window),
+        soft_cap=None if soft_cap is None else float(soft_cap),
+        interpret=bool(interpret), num_kv_splits=num_kv_splits,
+        decode_config=decode_config, prefill_config=prefill_config)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "sm_scale", "sliding_window", "soft_cap", "interpret", "num_kv_splits",
+    "decode_config", "prefill_config"))
+def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_start_loc,
+                            out_init, *, sm_scale, sliding_window, soft_cap, interpret,
+                            num_kv_splits, decode_config, prefill_config):
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_pages, page_size, num_kv_heads, _ = k_cache.shape
+    num_seqs, max_pages = block_tables.shape
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads=} is not a multiple of {num_kv_heads=}")
+    group = num_q_heads // num_kv_heads
+    dec_cfg, pre_cfg = default_configs(k_cache.dtype if k_cache.dtype.itemsize > q.dtype.itemsize
+                                       else q.dtype, head_dim)
+    dec_cfg = decode_config or dec_cfg
+    pre_cfg = prefill_config or pre_cfg
+    # A tile must hold all query heads of its KV head for at least one token.
+    dec_cfg = dataclasses.replace(dec_cfg, block_m=max(dec_cfg.block_m, _pow2(group)))
+    pre_cfg = dataclasses.replace(pre_cfg, block_m=max(pre_cfg.block_m, _pow2(group)))
+    max_q_decode = dec_cfg.block_m // group
+    q_tile = pre_cfg.block_m // group
+
+    kv_lens = kv_lens.astype(jnp.int32)
+    block_tables = block_tables.astype(jnp.int32)
+    query_start_loc = query_start_loc.astype(jnp.int32)
+    k_flat = k_cache.reshape(num_pages * page_size, num_kv_heads, head_dim)
+    v_flat = v_cache.reshape(num_pages * page_size, num_kv_heads, head_dim)
+    common = dict(group=group, head_dim=head_dim, page_size=page_size, sm_scale=sm_scale,
+                  soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret)
+
+    # Decode tiles.
+    if num_kv_splits is None:
+        num_kv_splits = auto_num_kv_splits(num_seqs, num_kv_heads, max_pages * page_size,
+                                           dec_cfg.block_n)
+    dec_meta, _ = _decode_tiles(query_start_loc, kv_lens, max_q_decode)
+    out = out_init
+    if num_kv_splits > 1:
+        o_part, lse = _launch(dec_meta, q, k_flat, v_flat, block_tables, None, cfg=dec_cfg,
+                              num_splits=num_kv_splits, split_out=True,
+                              name="ragged_paged_attention_decode_split", **common)
+        if out is None:
+            out = jnp.zeros_like(q)
+        out = _combine_splits(o_part, lse, dec_meta, group, head_dim, out, num_tokens)
+    else:
+        out = _launch(dec_meta, q, k_flat, v_flat, block_tables, out, cfg=dec_cfg,
+                      num_splits=1, split_out=False, name="ragged_paged_attention_decode",
+                      **common)
+
+    # Prefill tiles: only if some sequence can have more new tokens than a decode tile.
+    if num_tokens > max_q_decode:
+        max_big_seqs = min(num_seqs, num_tokens // (max_q_decode + 1))
+        num_tiles = max(num_tokens // q_tile + max_big_seqs, 1)
+        pre_meta = _prefill_tiles(query_start_loc, kv_lens, max_q_decode, q_tile, num_tiles)
+        out = _launch(pre_meta, q, k_flat, v_flat, block_tables, out, cfg=pre_cfg,
+                      num_splits=1, split_out=False, name="ragged_paged_attention_prefill",
+                      **common)
+    return out

@@ -1,0 +1,292 @@
+"""Ragged paged attention: the Pallas/Triton kernel against the XLA reference.
+
+CPU (CI): the kernel runs in Pallas interpret mode. The same checks marked `gpu` run the
+compiled Triton kernel and are skipped unless JAX's default backend is a GPU.
+
+Every kernel run writes into a NaN-filled output buffer and reads a cache whose unused
+slots are NaN and whose unused block-table entries point far outside the cache, so an
+unwritten output row, a read past a sequence's context or a stray page lookup shows up
+as a NaN or a mismatch.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas.ragged_paged_attention import (
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+    write_kv_to_pages,
+)
+from kernels_pallas.ragged_paged_attention_triton import ragged_paged_attention_pallas
+
+ON_GPU = jax.default_backend() == "gpu"
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (jax.default_backend() != 'gpu')")
+
+# Each check runs in interpret mode (CPU, CI) and compiled (GPU only).
+MODES = [
+    pytest.param(True, id="interpret"),
+    pytest.param(False, id="gpu", marks=[pytest.mark.gpu, needs_gpu]),
+]
+
+TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+REL_NORM_TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+@dataclasses.dataclass
+class Batch:
+    q: jax.Array
+    k_clean: jax.Array      # unused slots zero: what the reference reads
+    v_clean: jax.Array
+    k_poison: jax.Array     # unused slots NaN: what the kernel reads
+    v_poison: jax.Array
+    kv_lens: jax.Array
+    block_tables: jax.Array
+    query_start_loc: jax.Array
+    num_tokens: int         # real tokens; q has padding rows after them
+    q_lens: np.ndarray
+    ctx_lens: np.ndarray
+
+
+def make_batch(rng, q_lens, kv_lens, *, num_q_heads, num_kv_heads, head_dim, page_size,
+               dtype, pad_seqs=2, pad_tokens=3, spare_pages=5) -> Batch:
+    """A random ragged batch with shuffled page tables and partially filled last pages."""
+    q_lens = np.asarray(q_lens, np.int32)
+    kv_lens = np.asarray(kv_lens, np.int32)
+    assert np.all(q_lens >= 1) and np.all(kv_lens >= q_lens)
+    num_seqs = len(q_lens)
+    pages = -(-kv_lens // page_size)
+    max_pages = int(pages.max()) + 2
+    num_pages = int(pages.sum()) + spare_pages
+    perm = rng.permutation(num_pages)
+    # Unused block-table entries point far past the cache: using one is a bug.
+    bt = np.full((num_seqs + pad_seqs, max_pages), num_pages + 10_000, np.int32)
+    k = rng.standard_normal((num_pages * page_size, num_kv_heads, head_dim)).astype(np.float32)
+    v = rng.standard_normal((num_pages * page_size, num_kv_heads, head_dim)).astype(np.float32)
+    used = np.zeros(num_pages * page_size, bool)
+    start = 0
+    for s in range(num_seqs):
+        ids = perm[start:start + pages[s]]
+        start += pages[s]
+        bt[s, :pages[s]] = ids
+        for pos in range(kv_lens[s]):
+            used[ids[pos // page_size] * page_size + pos % page_size] = True
+    k_clean, v_clean = np.where(used[:, None, None], k, 0.0), np.where(used[:, None, None], v, 0.0)
+    k_poison, v_poison = np.where(used[:, None, None], k, np.nan), np.where(used[:, None, None], v, np.nan)
+    shape = (num_pages, page_size, num_kv_heads, head_dim)
+    num_tokens = int(q_lens.sum())
+    qsl = np.concatenate([[0], np.cumsum(q_lens), np.full(pad_seqs, num_tokens)]).astype(np.int32)
+    q = rng.standard_normal((num_tokens + pad_tokens, num_q_heads, head_dim)).astype(np.float32)
+    as_dev = lambda x: jnp.asarray(x.reshape(shape), dtype)
+    return Batch(
+        q=jnp.asarray(q, dtype), k_clean=as_dev(k_clean), v_clean=as_dev(v_clean),
+        k_poison=as_dev(k_poison), v_poison=as_dev(v_poison),
+        kv_lens=jnp.asarray(np.concatenate([kv_lens, np.zeros(pad_seqs, np.int32)])),
+        block_tables=jnp.asarray(bt), query_start_loc=jnp.asarray(qsl),
+        num_tokens=num_tokens, q_lens=q_lens, ctx_lens=kv_lens)
+
+
+def run_and_check(b: Batch, dtype, *, interpret, sliding_window=None, soft_cap=None, **kw):
+    head_dim = b.q.shape[-1]
+    scale = head_dim ** -0.5
+    ref = ragged_paged_attention_reference(
+        b.q, b.k_clean, b.v_clean, b.kv_lens, b.block_tables, b.query_start_loc,
+        sm_scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    out = ragged_paged_attention_pallas(
+        b.q, b.k_poison, b.v_poison, b.kv_lens, b.block_tables, b.query_start_loc,
+        sm_scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
+        interpret=interpret, out_init=jnp.full_like(b.q, jnp.nan), **kw)
+    n = b.num_tokens
+    out = np.asarray(out[:n].astype(jnp.float32))
+    ref = np.asarray(ref[:n].astype(jnp.float32))
+    bad_rows = np.unique(np.nonzero(~np.isfinite(out))[0])
+    assert bad_rows.size == 0, f"unwritten or non-finite output rows: {bad_rows[:20]}"
+    np.testing.assert_allclose(out, ref, **TOL[dtype])
+    rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert rel < REL_NORM_TOL[dtype], rel
+
+
+def ragged_lengths(rng, num_seqs, *, max_ctx, max_q, decode_frac):
+    """Random (q_len, kv_len) pairs: decodes, short chunks and long prefill chunks."""
+    q_lens, kv_lens = [], []
+    for _ in range(num_seqs):
+        ctx = int(rng.integers(1, max_ctx + 1))
+        if rng.random() < decode_frac:
+            q = 1
+        else:
+            q = int(rng.integers(1, min(ctx, max_q) + 1))
+        q_lens.append(q)
+        kv_lens.append(ctx)
+    return q_lens, kv_lens
+
+
+# (id, seed, num_seqs, max_ctx, max_q, decode_frac, Hq, Hkv, D, page_size, dtype, extra kwargs)
+# Together: 1..64 sequences, lengths 1..2048, GQA 1/4/8, head_dim 64/128, page 8/16/32,
+# bf16 and float32, split-KV forced and automatic.
+RAGGED_CASES = [
+    ("decodes64-g4-d128-f32", 1, 64, 2048, 4, 0.85, 8, 2, 128, 16, jnp.float32, {}),
+    ("mixed12-g8-d128-bf16", 2, 12, 2048, 300, 0.4, 16, 2, 128, 16, jnp.bfloat16, {}),
+    ("mixed5-g1-d64-bf16-p32", 3, 5, 1500, 1000, 0.3, 2, 2, 64, 32, jnp.bfloat16, {}),
+    ("mixed8-g4-d64-f32-p8-split5", 4, 8, 1200, 40, 0.5, 4, 1, 64, 8, jnp.float32,
+     dict(num_kv_splits=5)),
+    ("decodes3-g8-d64-bf16-split16", 5, 3, 2048, 1, 1.0, 8, 1, 64, 16, jnp.bfloat16,
+     dict(num_kv_splits=16)),
+]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case", RAGGED_CASES, ids=[c[0] for c in RAGGED_CASES])
+def test_kernel_matches_reference_ragged(case, interpret):
+    _, seed, num_seqs, max_ctx, max_q, decode_frac, hq, hkv, d, ps, dtype, kw = case
+    rng = np.random.default_rng(seed)
+    q_lens, kv_lens = ragged_lengths(rng, num_seqs, max_ctx=max_ctx, max_q=max_q,
+                                     decode_frac=decode_frac)
+    # Pin the edges of the range: a 1-token context and a full 2048 (or max) prefill.
+    kv_lens[0], q_lens[0] = 1, 1
+    if num_seqs > 1:
+        kv_lens[-1] = max_ctx
+        q_lens[-1] = min(max_q, max_ctx)
+    b = make_batch(rng, q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                   page_size=ps, dtype=dtype)
+    run_and_check(b, dtype, interpret=interpret, **kw)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_single_long_prefill(interpret):
+    """One 2048-token prefill from an empty context (pure causal self-attention)."""
+    rng = np.random.default_rng(11)
+    b = make_batch(rng, [2048], [2048], num_q_heads=8, num_kv_heads=2, head_dim=64,
+                   page_size=16, dtype=jnp.bfloat16, pad_seqs=0, pad_tokens=0)
+    run_and_check(b, jnp.bfloat16, interpret=interpret)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("sliding_window,soft_cap", [(None, 30.0), (64, None), (37, 5.0)],
+                         ids=["softcap", "window", "window+softcap"])
+def test_sliding_window_and_soft_cap(sliding_window, soft_cap, dtype, interpret):
+    rng = np.random.default_rng(21)
+    q_lens = [1, 1, 3, 150, 70, 1]
+    kv_lens = [1, 700, 90, 400, 70, 65]
+    b = make_batch(rng, q_lens, kv_lens, num_q_heads=8, num_kv_heads=2, head_dim=64,
+                   page_size=16, dtype=dtype)
+    run_and_check(b, dtype, interpret=interpret, sliding_window=sliding_window,
+                  soft_cap=soft_cap)
+    # The same batch through flash-decoding splits (window edges inside a split).
+    run_and_check(b, dtype, interpret=interpret, sliding_window=sliding_window,
+                  soft_cap=soft_cap, num_kv_splits=3)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_head_dim_padded(interpret):
+    """head_dim that is not a power of two runs padded inside the kernel."""
+    rng = np.random.default_rng(31)
+    b = make_batch(rng, [1, 40, 2], [33, 100, 250], num_q_heads=4, num_kv_heads=2,
+                   head_dim=80, page_size=16, dtype=jnp.float32)
+    run_and_check(b, jnp.float32, interpret=interpret)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_dispatcher_pallas_path(interpret):
+    rng = np.random.default_rng(41)
+    b = make_batch(rng, [1, 20], [50, 20], num_q_heads=4, num_kv_heads=1, head_dim=64,
+                   page_size=16, dtype=jnp.float32)
+    args = (b.q, b.k_clean, b.v_clean, b.kv_lens, b.block_tables, b.query_start_loc)
+    out = ragged_paged_attention(*args, sm_scale=0.125, impl="pallas", interpret=interpret)
+    ref = ragged_paged_attention(*args, sm_scale=0.125, impl="xla")
+    n = b.num_tokens
+    np.testing.assert_allclose(np.asarray(out[:n]), np.asarray(ref[:n]), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# The reference itself, against naive dense attention in float64 numpy.
+# --------------------------------------------------------------------------------------
+
+def naive_attention(b: Batch, scale, sliding_window=None, soft_cap=None):
+    q = np.asarray(b.q, np.float64)
+    k = np.asarray(b.k_clean, np.float64)
+    v = np.asarray(b.v_clean, np.float64)
+    bt = np.asarray(b.block_tables)
+    qsl = np.asarray(b.query_start_loc)
+    _, page_size, hkv, _ = k.shape
+    group = q.shape[1] // hkv
+    out = np.zeros((b.num_tokens,) + q.shape[1:])
+    for s, (ql, kl) in enumerate(zip(b.q_lens, b.ctx_lens)):
+        pos = np.arange(kl)
+        ks = k[bt[s, pos // page_size], pos % page_size]  # [kl, Hkv, D]
+        vs = v[bt[s, pos // page_size], pos % page_size]
+        for i in range(ql):
+            qp = kl - ql + i
+            vis = pos <= qp
+            if sliding_window is not None:
+                vis &= qp - pos < sliding_window
+            for h in range(q.shape[1]):
+                logits = ks[:, h // group] @ q[qsl[s] + i, h] * scale
+                if soft_cap is not None:
+                    logits = soft_cap * np.tanh(logits / soft_cap)
+                logits = np.where(vis, logits, -np.inf)
+                p = np.exp(logits - logits.max())
+                out[qsl[s] + i, h] = (p / p.sum()) @ vs[:, h // group]
+    return out
+
+
+@pytest.mark.parametrize("sliding_window,soft_cap", [(None, None), (24, 20.0)],
+                         ids=["plain", "window+softcap"])
+def test_reference_matches_naive_dense(sliding_window, soft_cap):
+    rng = np.random.default_rng(51)
+    b = make_batch(rng, [1, 19, 2, 40], [1, 60, 37, 40], num_q_heads=4, num_kv_heads=2,
+                   head_dim=32, page_size=8, dtype=jnp.float32)
+    scale = 32 ** -0.5
+    ref = ragged_paged_attention_reference(
+        b.q, b.k_clean, b.v_clean, b.kv_lens, b.block_tables, b.query_start_loc,
+        sm_scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    want = naive_attention(b, scale, sliding_window, soft_cap)
+    np.testing.assert_allclose(np.asarray(ref[:b.num_tokens]), want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# write_kv_to_pages.
+# --------------------------------------------------------------------------------------
+
+def test_write_kv_to_pages():
+    rng = np.random.default_rng(61)
+    num_pages, page_size, hkv, d = 6, 4, 2, 8
+    k_cache = rng.standard_normal((num_pages, page_size, hkv, d)).astype(np.float32)
+    v_cache = rng.standard_normal((num_pages, page_size, hkv, d)).astype(np.float32)
+    k_new = rng.standard_normal((5, hkv, d)).astype(np.float32)
+    v_new = rng.standard_normal((5, hkv, d)).astype(np.float32)
+    # Three real tokens, two padding tokens that use the out-of-cache slot.
+    slots = np.array([5, 0, 23, num_pages * page_size, num_pages * page_size], np.int32)
+    k_out, v_out = write_kv_to_pages(jnp.asarray(k_cache), jnp.asarray(v_cache),
+                                     jnp.asarray(k_new, jnp.bfloat16),
+                                     jnp.asarray(v_new), jnp.asarray(slots))
+    want_k = k_cache.reshape(-1, hkv, d).copy()
+    want_v = v_cache.reshape(-1, hkv, d).copy()
+    for t in range(3):
+        want_k[slots[t]] = np.asarray(jnp.asarray(k_new[t], jnp.bfloat16).astype(jnp.float32))
+        want_v[slots[t]] = v_new[t]
+    assert k_out.shape == k_cache.shape and k_out.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(k_out).reshape(-1, hkv, d), want_k)
+    np.testing.assert_array_equal(np.asarray(v_out).reshape(-1, hkv, d), want_v)
+
+
+def test_write_then_attend():
+    """Tokens written with write_kv_to_pages are what the kernel attends to."""
+    rng = np.random.default_rng(71)
+    num_pages, page_size, hkv, hq, d = 8, 16, 2, 4, 64
+    b = make_batch(rng, [3], [35], num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                   page_size=page_size, dtype=jnp.float32, pad_seqs=0, pad_tokens=0)
+    bt = np.asarray(b.block_tables)
+    pos = np.arange(32, 35)
+    slots = bt[0, pos // page_size] * page_size + pos % page_size
+    k_new = jnp.asarray(rng.standard_normal((3, hkv, d)), jnp.float32)
+    v_new = jnp.asarray(rng.standard_normal((3, hkv, d)), jnp.float32)
+    k_cache, v_cache = write_kv_to_pages(b.k_clean, b.v_clean, k_new, v_new, jnp.asarray(slots))
+    args = (b.q, k_cache, v_cache, b.kv_lens, b.block_tables, b.query_start_loc)
+    out = ragged_paged_attention_pallas(*args, sm_scale=0.125, interpret=True)
+    ref = ragged_paged_attention_reference(*args, sm_scale=0.125)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
