@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 
 # Queries of one sequence are processed in tiles of this many tokens by the reference.
-_REFERENCE_Q_TILE = 16
+_REFERENCE_Q_TILE = 8
+# ...and walk the context this many tokens at a time.
+_REFERENCE_KV_CHUNK = 128
 
 
 def write_kv_to_pages(k_cache, v_cache, k, v, slot_mapping):
@@ -51,44 +53,65 @@ def ragged_paged_attention_reference(
     q, k_cache, v_cache, kv_lens, block_tables, query_start_loc,
     *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
 ):
-    """Plain XLA ragged paged attention; the correctness reference for the kernels."""
+    """Plain XLA ragged paged attention; the correctness reference for the kernels.
+
+    Query tiles of one sequence walk its pages a chunk at a time with an online softmax, for
+    only as many chunks as the longest context in the batch needs (a dynamic loop bound), so
+    short contexts stay cheap whatever the block table's width.
+    """
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
     q_tile = min(_REFERENCE_Q_TILE, num_tokens)
     seq, local, tile_len, q_lens = _query_tiles(query_start_loc, num_tokens, q_tile)
+    n = seq.shape[0]
 
     offs = jnp.arange(q_tile, dtype=jnp.int32)
     tok = query_start_loc[seq][:, None] + local[:, None] * q_tile + offs[None, :]  # [N, Qt]
     tok_valid = offs[None, :] < tile_len[:, None]
     qt = q[jnp.clip(tok, 0, num_tokens - 1)]  # [N, Qt, Hq, D]
-    qt = qt.reshape(*qt.shape[:2], num_kv_heads, group, head_dim)
-
-    pages = block_tables[seq]  # [N, P]
-    kt = k_cache[pages].reshape(pages.shape[0], -1, num_kv_heads, head_dim)  # [N, C, Hkv, D]
-    vt = v_cache[pages].reshape(pages.shape[0], -1, num_kv_heads, head_dim)
+    qt = qt.reshape(n, q_tile, num_kv_heads, group, head_dim)
 
     kv_len = kv_lens[seq]
     q_pos = (kv_len - q_lens[seq])[:, None] + local[:, None] * q_tile + offs[None, :]  # [N, Qt]
-    k_pos = jnp.arange(kt.shape[1], dtype=jnp.int32)
-    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < kv_len[:, None, None])
-    if sliding_window is not None:
-        mask &= q_pos[:, :, None] - k_pos[None, None, :] < sliding_window
 
-    s = jnp.einsum("nqhgd,nchd->nhgqc", qt, kt, preferred_element_type=jnp.float32) * sm_scale
-    if soft_cap is not None:
-        s = soft_cap * jnp.tanh(s / soft_cap)
-    s = jnp.where(mask[:, None, None, :, :], s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom == 0, 1.0, denom)
-    o = jnp.einsum("nhgqc,nchd->nqhgd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
-    o = o.reshape(o.shape[0], q_tile, num_q_heads, head_dim).astype(q.dtype)
+    pages_per_chunk = max(1, _REFERENCE_KV_CHUNK // page_size)
+    chunk = pages_per_chunk * page_size
+    width = block_tables.shape[1]
+    tables = jnp.pad(block_tables, ((0, 0), (0, -width % pages_per_chunk)))[seq]  # [N, P']
+    num_chunks = (jnp.max(jnp.where(tile_len > 0, kv_len, 0)) + chunk - 1) // chunk
 
-    dest = jnp.where(tok_valid, tok, num_tokens)  # invalid rows are dropped
-    out = jnp.zeros_like(q)
-    return out.at[dest.reshape(-1)].set(o.reshape(-1, num_q_heads, head_dim), mode="drop")
+    def body(j, carry):
+        m, l, acc = carry
+        pages = jax.lax.dynamic_slice_in_dim(tables, j * pages_per_chunk, pages_per_chunk, axis=1)
+        kt = k_cache[pages].reshape(n, chunk, num_kv_heads, head_dim)
+        vt = v_cache[pages].reshape(n, chunk, num_kv_heads, head_dim)
+        k_pos = j * chunk + jnp.arange(chunk, dtype=jnp.int32)
+        mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < kv_len[:, None, None])
+        if sliding_window is not None:
+            mask &= q_pos[:, :, None] - k_pos[None, None, :] < sliding_window
+        s = jnp.einsum("nqhgd,nchd->nhgqc", qt, kt, preferred_element_type=jnp.float32) * sm_scale
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        s = jnp.where(mask[:, None, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])
+        scale = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
+        l = l * scale + jnp.sum(p, axis=-1)
+        acc = acc * scale[..., None] + jnp.einsum(
+            "nhgqc,nchd->nhgqd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+    stats = (n, num_kv_heads, group, q_tile)
+    init = (jnp.full(stats, -jnp.inf, jnp.float32), jnp.zeros(stats, jnp.float32),
+            jnp.zeros(stats + (head_dim,), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    o = acc / jnp.where(l == 0, 1.0, l)[..., None]  # [N, Hkv, G, Qt, D]
+    o = o.transpose(0, 3, 1, 2, 4).reshape(n * q_tile, num_q_heads, head_dim).astype(q.dtype)
+
+    dest = jnp.where(tok_valid, tok, num_tokens).reshape(-1)  # invalid rows are dropped
+    return jnp.zeros_like(q).at[dest].set(o, mode="drop")
 
 
 def ragged_paged_attention(

@@ -1,0 +1,33 @@
+"""Engine configuration: every default lives here; CLI flags map onto these fields."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    model: str | None = None  # HF directory, .gguf file, or (dummy) config.json; None: SmolLM2
+    load_format: str = "auto"  # auto | dummy
+    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16
+    max_model_len: int | None = None  # None: the model's, capped at 2048 on CPU
+    block_size: int = 16
+    max_num_seqs: int | None = None  # None: 32 on CPU, 256 on GPU
+    max_num_batched_tokens: int | None = None  # per-step token budget; None: 256 on CPU, 8192 on GPU
+    kv_cache_memory_gb: float | None = None  # None: 1 GiB on CPU, 90% of free memory on GPU
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb
+    enable_prefix_caching: bool = True
+    attn_impl: str = "auto"  # auto | xla | pallas
+    seed: int = 0  # seeds the per-request seeds of requests that give none
+    compile_at_startup: bool = True  # compile every shape bucket before serving, then forbid compiles
+
+    def validate(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.attn_impl not in ("auto", "xla", "pallas"):
+            raise ValueError(f"attn_impl must be auto, xla or pallas, got {self.attn_impl!r}")

@@ -1,0 +1,239 @@
+"""EngineCore (the step loop's state) and LLM (the offline API on top of it)."""
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+
+import jax
+import jax.numpy as jnp
+
+from atom_jax.block_manager import BlockManager
+from atom_jax.config import EngineConfig
+from atom_jax.loader import load_model
+from atom_jax.model_runner import ModelRunner
+from atom_jax.output_processor import SequenceOutput
+from atom_jax.outputs import CompletionOutput, RequestOutput, StepDelta
+from atom_jax.sampling_params import SamplingParams
+from atom_jax.scheduler import Scheduler
+from atom_jax.sequence import Sequence
+from atom_jax.tokenizer import load_tokenizer
+from models import get_model_module
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class _Request:
+    def __init__(self, request_id, prompt, prompt_token_ids, params, seqs, outputs):
+        self.request_id, self.prompt = request_id, prompt
+        self.prompt_token_ids, self.params = prompt_token_ids, params
+        self.seqs: list[Sequence] = seqs
+        self.outputs: list[SequenceOutput] = outputs
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig | None = None, **kwargs):
+        config = config or EngineConfig(**kwargs)
+        config.validate()
+        self.config = config
+        on_gpu = jax.default_backend() != "cpu"
+        dtype = _DTYPES.get(config.dtype) or (jnp.bfloat16 if on_gpu else jnp.float32)
+        self.dtype = dtype
+
+        model_config, params, kind, path = load_model(config.model, dtype, config.load_format)
+        self.model_config = model_config
+        self.tokenizer = load_tokenizer("hf" if kind == "dummy" else kind, path)
+        eos = set(model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+
+        cap = model_config.max_position_embeddings
+        self.max_model_len = config.max_model_len or (cap if on_gpu else min(cap, 2048))
+        max_num_seqs = config.max_num_seqs or (256 if on_gpu else 32)
+        budget = config.max_num_batched_tokens or (8192 if on_gpu else 256)
+        num_blocks = config.num_kv_blocks or self._blocks_for_memory(on_gpu)
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(
+                f"num_kv_blocks: {num_blocks} blocks of {config.block_size} tokens cannot hold "
+                f"one sequence of max_model_len={self.max_model_len}")
+
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, budget)
+        self.runner = ModelRunner(
+            get_model_module(model_config), model_config, params, dtype=dtype,
+            num_blocks=num_blocks, block_size=config.block_size, max_model_len=self.max_model_len,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+            attn_impl=config.attn_impl, eos_token_ids=self.eos_token_ids)
+        if config.compile_at_startup:
+            self.runner.warmup()
+        self.requests: dict[str, _Request] = {}
+        self._seq_to_request: dict[str, tuple[_Request, int]] = {}
+        self._seeds = random.Random(config.seed)
+        self._ids = itertools.count()
+
+    def _blocks_for_memory(self, on_gpu: bool) -> int:
+        mc = self.model_config
+        bytes_per_block = (2 * mc.num_layers * self.config.block_size * mc.num_kv_heads
+                           * mc.head_dim * jnp.dtype(self.dtype).itemsize)
+        if self.config.kv_cache_memory_gb is not None:
+            budget = self.config.kv_cache_memory_gb * 2**30
+        elif on_gpu:
+            stats = jax.devices()[0].memory_stats() or {}
+            free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+            budget = 0.9 * free
+        else:
+            budget = 2**30
+        return max(1, int(budget // bytes_per_block))
+
+    # ------------------------------------------------------------ requests
+
+    def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids: {bad[:3]} are not token ids in [0, {vocab})")
+        return ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Validate and queue a request (nothing is queued if it is invalid)."""
+        params = params or SamplingParams()
+        params.validate()
+        ids = self.tokenize_prompt(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(ids)} tokens do not fit: max_model_len is {self.max_model_len} "
+                "and at least one token must be generated")
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        room = self.max_model_len - len(ids)
+        max_tokens = min(params.max_tokens or room, room)
+        seqs, outputs = [], []
+        for i in range(params.n):
+            seed = params.seed + i if params.seed is not None else self._seeds.getrandbits(31)
+            seq = Sequence(f"{request_id}#{i}", ids, params, seed, max_tokens)
+            seqs.append(seq)
+            outputs.append(SequenceOutput(seq, self.tokenizer, self.eos_token_ids, self.max_model_len))
+        req = _Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, seqs, outputs)
+        self.requests[request_id] = req
+        for i, seq in enumerate(seqs):
+            self._seq_to_request[seq.seq_id] = (req, i)
+            self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            self.scheduler.finish(seq, "abort")
+            self._seq_to_request.pop(seq.seq_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------ stepping
+
+    def step(self) -> list[StepDelta]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        tokens, token_lps, top_ids, top_lps = self.runner.execute(batch)
+        rows = {seq.seq_id: i for i, seq in enumerate(batch.seqs)}
+        deltas = []
+        for seq, token in self.scheduler.update(batch, tokens):
+            req, index = self._seq_to_request[seq.seq_id]
+            lp = None
+            if seq.params.logprobs is not None:
+                r = rows[seq.seq_id]
+                lp = {int(token): float(token_lps[r])}
+                for tid, val in list(zip(top_ids[r], top_lps[r]))[:seq.params.logprobs]:
+                    lp.setdefault(int(tid), float(val))
+                seq.output_logprobs.append(lp)
+            text, reason, stop_reason = req.outputs[index].append(token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                seq.stop_reason = stop_reason
+            deltas.append(StepDelta(req.request_id, index, [token], text,
+                                    [lp] if lp is not None else None, reason is not None,
+                                    reason, stop_reason))
+        return deltas
+
+    def request_output(self, request_id: str) -> RequestOutput:
+        req = self.requests[request_id]
+        outs = []
+        for i, (seq, out) in enumerate(zip(req.seqs, req.outputs)):
+            lps = seq.output_logprobs if seq.params.logprobs is not None else None
+            cum = sum(d[t] for d, t in zip(lps, seq.output_token_ids)) if lps else None
+            outs.append(CompletionOutput(i, out.text, seq.output_token_ids, seq.finish_reason,
+                                         seq.stop_reason, lps, cum))
+        finished = all(seq.is_finished for seq in req.seqs)
+        cached = max(0, min(seq.num_cached_tokens for seq in req.seqs))
+        return RequestOutput(request_id, req.prompt, req.prompt_token_ids, outs, finished, cached)
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request."""
+        req = self.requests.pop(request_id, None)
+        for seq in req.seqs if req else ():
+            self._seq_to_request.pop(seq.seq_id, None)
+
+
+class LLM:
+    """Offline batch generation: `LLM(model).generate(prompts, SamplingParams(...))`."""
+
+    def __init__(self, model: str | None = None, **kwargs):
+        self.engine = EngineCore(EngineConfig(model=model, **kwargs))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                              and isinstance(prompts[0], int))
+        prompts = [prompts] if single else list(prompts)
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(prompts):
+                raise ValueError("sampling_params: one per prompt, or a single one for all")
+            params = sampling_params
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        for p in params:
+            p.validate()
+        ids = [self.engine.tokenize_prompt(p) for p in prompts]  # fail before queueing any
+        for p, i in zip(prompts, ids):
+            if len(i) >= self.engine.max_model_len:
+                raise ValueError(f"prompt: {len(i)} tokens do not fit: max_model_len is "
+                                 f"{self.engine.max_model_len} and at least one token must be generated")
+        rids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        try:
+            while self.engine.has_unfinished():
+                self.engine.step()
+        except BaseException:
+            for rid in rids:
+                self.engine.abort(rid)
+            raise
+        outputs = [self.engine.request_output(rid) for rid in rids]
+        for rid in rids:
+            self.engine.release(rid)
+        return outputs
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+        """messages: one conversation (list of {role, content}) or a list of them."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(c) for c in convs]
+        return self.generate(prompts, sampling_params)
+
+    def apply_chat_template(self, conversation) -> list[int]:
+        out = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
+                                                 tokenize=True)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)

@@ -1,0 +1,189 @@
+"""Turns a scheduled step into one ragged batch and runs the jitted model and sampler.
+
+Shapes are padded to a few token buckets (sequences padded to min(bucket, max_num_seqs)),
+all compiled at start-up; afterwards a guard turns any compilation during a step into an
+error, since one would stall every request for seconds.
+"""
+from __future__ import annotations
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from atom_jax.scheduler import ScheduledBatch
+
+_BANNED_SLOTS = 16  # per-row token ids masked while a request is below min_tokens
+
+
+class CompileWhileServingError(RuntimeError):
+    pass
+
+
+class _CompileGuard:
+    """Counts XLA compilations that happen on this thread while armed."""
+
+    _EVENT = "/jax/core/compile/backend_compile_duration"
+    _local = threading.local()
+    _registered = False
+
+    @classmethod
+    def _listener(cls, event, duration, **kwargs):
+        if event == cls._EVENT and getattr(cls._local, "armed", False):
+            cls._local.count = getattr(cls._local, "count", 0) + 1
+
+    def __init__(self):
+        if not _CompileGuard._registered:
+            jax.monitoring.register_event_duration_secs_listener(_CompileGuard._listener)
+            _CompileGuard._registered = True
+
+    def __enter__(self):
+        self._local.armed, self._local.count = True, 0
+
+    def __exit__(self, *exc):
+        self._local.armed = False
+        if exc[0] is None and self._local.count:
+            raise CompileWhileServingError(
+                f"{self._local.count} XLA compilation(s) during a serving step: a shape escaped "
+                "the start-up buckets")
+
+
+def token_buckets(max_tokens: int, smallest: int = 16) -> list[int]:
+    buckets, b = [], min(smallest, max_tokens)
+    while b < max_tokens:
+        buckets.append(b)
+        b *= 2
+    return buckets + [max_tokens]
+
+
+def _forward_step(module, cfg, attn_impl, params, kv_cache, batch):
+    return module.forward(params, kv_cache, batch, cfg, attn_impl)
+
+
+_forward_jit = jax.jit(_forward_step, static_argnums=(0, 1, 2), donate_argnums=(4,))
+
+
+class ModelRunner:
+    def __init__(self, module, model_config, params, *, dtype, num_blocks: int, block_size: int,
+                 max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 attn_impl: str = "auto", eos_token_ids=()):
+        self.module, self.model_config, self.params = module, model_config, params
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
+        self.attn_impl = attn_impl
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.buckets = token_buckets(max_num_batched_tokens)
+        shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
+        self.kv_cache = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                         for _ in range(model_config.num_layers)]
+        self.guard = None  # armed by warmup()
+
+    # ------------------------------------------------------------ batch preparation
+
+    def _bucket(self, num_tokens: int) -> tuple[int, int]:
+        t = next(b for b in self.buckets if b >= num_tokens)
+        return t, min(t, self.max_num_seqs)
+
+    def prepare(self, batch: ScheduledBatch):
+        t_pad, _ = self._bucket(batch.num_tokens)
+        inputs = self._padded_inputs(t_pad)
+        input_ids, positions, slots = inputs["input_ids"], inputs["positions"], inputs["slot_mapping"]
+        qsl, seq_lens, tables = inputs["query_start_loc"], inputs["seq_lens"], inputs["block_tables"]
+        bs = self.block_size
+        t = 0
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start = seq.num_computed_tokens
+            pos = np.arange(start, start + n, dtype=np.int32)
+            table = np.asarray(seq.block_table, np.int32)
+            input_ids[t:t + n] = seq.token_ids[start:start + n]
+            positions[t:t + n] = pos
+            slots[t:t + n] = table[pos // bs] * bs + pos % bs
+            tables[i, :len(table)] = table
+            seq_lens[i] = start + n
+            t += n
+            qsl[i + 1] = t
+        qsl[len(batch) + 1:] = t
+        inputs["logits_indices"] = np.maximum(qsl[1:] - 1, 0)
+        return inputs
+
+    def prepare_sampling(self, batch: ScheduledBatch, s_pad: int):
+        n = len(batch)
+        sp = dict(temperature=np.zeros(s_pad, np.float32), top_k=np.zeros(s_pad, np.int32),
+                  top_p=np.ones(s_pad, np.float32), min_p=np.zeros(s_pad, np.float32),
+                  seed=np.zeros(s_pad, np.uint32), step=np.zeros(s_pad, np.int32),
+                  banned=np.full((s_pad, _BANNED_SLOTS), -1, np.int32))
+        history = None
+        for i, seq in enumerate(batch.seqs):
+            p = seq.params
+            sp["temperature"][i] = p.temperature
+            sp["top_k"][i] = max(p.top_k, 0)
+            sp["top_p"][i], sp["min_p"][i] = p.top_p, p.min_p
+            sp["seed"][i] = seq.seed
+            sp["step"][i] = seq.num_output_tokens
+            if seq.num_output_tokens < p.min_tokens:
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
+                sp["banned"][i, :len(banned[:_BANNED_SLOTS])] = banned[:_BANNED_SLOTS]
+        if any(seq.params.uses_penalties for seq in batch.seqs):
+            history = np.full((s_pad, self.max_model_len), -1, np.int32)
+            sp.update(prompt_lens=np.zeros(s_pad, np.int32),
+                      repetition=np.ones(s_pad, np.float32),
+                      presence=np.zeros(s_pad, np.float32), frequency=np.zeros(s_pad, np.float32))
+            for i, seq in enumerate(batch.seqs[:n]):
+                history[i, :seq.num_tokens] = seq.token_ids
+                sp["prompt_lens"][i] = seq.num_prompt_tokens
+                sp["repetition"][i] = seq.params.repetition_penalty
+                sp["presence"][i] = seq.params.presence_penalty
+                sp["frequency"][i] = seq.params.frequency_penalty
+        return sp, history
+
+    # ------------------------------------------------------------ execution
+
+    def run(self, inputs, sp, history):
+        from atom_jax.sampler import sample_jit
+        self.kv_cache, logits = _forward_jit(self.module, self.model_config, self.attn_impl,
+                                             self.params, self.kv_cache, inputs)
+        return sample_jit(logits, sp, history)
+
+    def execute(self, batch: ScheduledBatch):
+        """-> (tokens, token logprobs, top ids, top logprobs) as numpy, one row per sequence."""
+        inputs = self.prepare(batch)
+        sp, history = self.prepare_sampling(batch, len(inputs["seq_lens"]))
+        if self.guard is None:
+            out = self.run(inputs, sp, history)
+        else:
+            with self.guard:
+                out = self.run(inputs, sp, history)
+        tokens = np.asarray(out[0])[:len(batch)]
+        if not any(seq.params.logprobs is not None for seq in batch.seqs):
+            return tokens, None, None, None
+        return (tokens, *(np.asarray(x)[:len(batch)] for x in out[1:]))
+
+    def warmup(self) -> None:
+        """Compile every bucket (model, then sampler with and without penalties); arm the guard."""
+        from atom_jax.sampler import sample_jit
+        empty = ScheduledBatch([], [])
+        for t in tqdm(self.buckets, desc="Compiling shape buckets", unit="bucket"):
+            inputs = self._padded_inputs(t)
+            s_pad = len(inputs["seq_lens"])
+            sp, _ = self.prepare_sampling(empty, s_pad)
+            self.kv_cache, logits = _forward_jit(self.module, self.model_config, self.attn_impl,
+                                                 self.params, self.kv_cache, inputs)
+            sample_jit(logits, sp, None)[0].block_until_ready()
+            sp.update(prompt_lens=np.zeros(s_pad, np.int32), repetition=np.ones(s_pad, np.float32),
+                      presence=np.zeros(s_pad, np.float32), frequency=np.zeros(s_pad, np.float32))
+            history = np.full((s_pad, self.max_model_len), -1, np.int32)
+            sample_jit(logits, sp, history)[0].block_until_ready()
+        self.guard = _CompileGuard()
+
+    def _padded_inputs(self, t_pad: int):
+        """An all-padding batch of exactly t_pad tokens (writes nothing to the cache)."""
+        s_pad = min(t_pad, self.max_num_seqs)
+        return dict(input_ids=np.zeros(t_pad, np.int32), positions=np.zeros(t_pad, np.int32),
+                    slot_mapping=np.full(t_pad, self.num_blocks * self.block_size, np.int32),
+                    query_start_loc=np.zeros(s_pad + 1, np.int32),
+                    seq_lens=np.zeros(s_pad, np.int32),
+                    block_tables=np.zeros((s_pad, self.max_blocks_per_seq), np.int32),
+                    logits_indices=np.zeros(s_pad, np.int32))

@@ -1,0 +1,78 @@
+"""Sampling on device: penalties, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
+
+Every row draws from its own key, fold_in(PRNGKey(seed), number of tokens generated so far),
+so a request's samples do not depend on what else is in the batch or on preemption.
+Logprobs are those of the model's raw distribution (before penalties and temperature).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from atom_jax.sampling_params import MAX_TOP_LOGPROBS
+
+
+def apply_penalties(logits, history, prompt_lens, repetition, presence, frequency):
+    """history [S, L]: prompt then output token ids, -1 padded. Repetition penalty covers
+    prompt and output tokens (as Hugging Face and vLLM); presence/frequency only output."""
+    s, v = logits.shape
+    pos = jnp.arange(history.shape[1])[None, :]
+    valid = history >= 0
+    is_output = valid & (pos >= prompt_lens[:, None])
+    rows = jnp.broadcast_to(jnp.arange(s)[:, None], history.shape)
+    ids = jnp.where(valid, history, v)  # out of range: dropped
+    seen = jnp.zeros((s, v), jnp.bool_).at[rows, ids].set(True, mode="drop")
+    counts = jnp.zeros((s, v), jnp.float32).at[rows, ids].add(is_output.astype(jnp.float32), mode="drop")
+    rep = repetition[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+
+
+def _filtered_sample(logits, temperature, top_k, top_p, min_p, keys):
+    """Sample one token per row from logits restricted by top-k, top-p and min-p."""
+    v = logits.shape[-1]
+    x = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    order = jnp.argsort(-x, axis=-1)
+    sx = jnp.take_along_axis(x, order, axis=-1)
+    rank = jnp.arange(v)[None, :]
+    k = jnp.where(top_k > 0, top_k, v)[:, None]
+    sx = jnp.where(rank < k, sx, -jnp.inf)
+    probs = jax.nn.softmax(sx, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+    keep = (before < top_p[:, None]) & (probs >= min_p[:, None] * probs[:, :1])
+    keep = keep.at[:, 0].set(True)
+    sx = jnp.where(keep, sx, -jnp.inf)
+    choice = jax.vmap(jax.random.categorical)(keys, sx)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+
+
+def sample(logits, sp: dict, history=None):
+    """logits [S, V] float32; sp: per-row arrays temperature, top_k, top_p, min_p, seed, step, banned [S, B],
+    and (with history) repetition, presence, frequency, prompt_lens.
+    Returns tokens [S], their logprobs [S], top ids [S, K], top logprobs [S, K]."""
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    # Tokens a request may not produce yet (eos and stop ids below min_tokens); -1 pads.
+    s, v = logits.shape
+    banned = jnp.where(sp["banned"] >= 0, sp["banned"], v)
+    rows = jnp.broadcast_to(jnp.arange(s)[:, None], banned.shape)
+    logits = logits.at[rows, banned].set(-jnp.inf, mode="drop")
+    if history is not None:
+        logits = apply_penalties(logits, history, sp["prompt_lens"], sp["repetition"],
+                                 sp["presence"], sp["frequency"])
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.PRNGKey(seed), step))(
+        sp["seed"], sp["step"])
+    sampled = jax.lax.cond(
+        jnp.all(sp["temperature"] == 0),
+        lambda: greedy,
+        lambda: _filtered_sample(logits, sp["temperature"], sp["top_k"], sp["top_p"],
+                                 sp["min_p"], keys).astype(jnp.int32))
+    tokens = jnp.where(sp["temperature"] == 0, greedy, sampled)
+    token_logprobs = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logprobs, MAX_TOP_LOGPROBS)
+    return tokens, token_logprobs, top_ids.astype(jnp.int32), top_lp
+
+
+sample_jit = jax.jit(sample)

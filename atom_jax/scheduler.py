@@ -1,0 +1,121 @@
+"""Continuous batching: each step, decodes and prefill chunks share one token budget.
+
+Running sequences go first (a decode takes 1 token, an unfinished prefill the rest of its
+prompt up to the budget); waiting sequences are admitted with what is left. When the KV pool
+runs dry, the most recently admitted running sequence is preempted: its blocks are freed and
+it goes back to the front of the queue, to be recomputed (prefix caching usually gives most
+of it back).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+
+from atom_jax.block_manager import BlockManager
+from atom_jax.sequence import Sequence, SequenceStatus
+
+
+@dataclasses.dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_new_tokens: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        bm = self.block_manager
+        budget = self.max_num_batched_tokens
+        batch = ScheduledBatch([], [])
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not bm.can_allocate(seq, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                bm.allocate(seq, n)
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(n)
+                budget -= n
+                i += 1
+
+        # Admit new work only when nothing had to be preempted this step.
+        while (not preempted and self.waiting and budget > 0
+               and len(self.running) < self.max_num_seqs):
+            seq = self.waiting[0]
+            cached = bm.find_cached_prefix(seq)
+            num_cached = len(cached) * bm.block_size
+            n = min(seq.num_tokens - num_cached, budget)
+            seq.num_computed_tokens = num_cached
+            if not bm.can_allocate(seq, n, cached):
+                seq.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            bm.allocate(seq, n, cached)
+            if seq.num_cached_tokens < 0:
+                seq.num_cached_tokens = num_cached
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def update(self, batch: ScheduledBatch, sampled: list[int]) -> list[tuple[Sequence, int]]:
+        """Record the step's work; returns (sequence, new token) for sequences that produced one
+        (a prefill chunk that does not reach the end of the prompt produces none)."""
+        produced = []
+        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.token_ids.append(int(token))
+                produced.append((seq, int(token)))
+        return produced
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Remove a sequence wherever it is (finished, stopped or aborted) and free its blocks."""
+        if seq.status == SequenceStatus.FINISHED:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

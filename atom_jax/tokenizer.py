@@ -1,0 +1,47 @@
+"""Tokenizer loading (HF directory or GGUF file) and incremental detokenization."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+
+def load_tokenizer(kind: str, path: Path):
+    if kind == "gguf":
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - any failure means the directory lacks a usable tokenizer
+        raise ValueError(f"model: cannot load a tokenizer from {path}: {e}") from e
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, never splitting a UTF-8 character
+    (a delta is held back while the decoded text ends in U+FFFD)."""
+
+    CONTEXT_TOKENS = 5  # prompt tokens decoded alongside, so the first word gets its spacing right
+
+    def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids = list(prompt_ids[-self.CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, token_id: int, final: bool = False) -> str:
+        self.ids.append(token_id)
+        return self.flush() if final else self._delta(final=False)
+
+    def _delta(self, final: bool) -> str:
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        if len(text) > len(prefix) and (final or not text.endswith("\ufffd")):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix):]
+        return ""
+
+    def flush(self) -> str:
+        return self._delta(final=True)

@@ -1,0 +1,173 @@
+"""Llama-style decoder (Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3), written end to end.
+
+Parameters are a plain pytree of arrays; `param_axes` gives the logical axis names of every
+dimension (DESIGN.md), which parallel/ and quant/ map onto meshes and formats. Weights are
+stored [in, out] so every projection is `x @ w`. Layers are unrolled in Python: on GPU that
+streams weights about 3x faster than a lax.scan over stacked layers.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels_pallas import ragged_paged_attention, write_kv_to_pages
+from models.config import ModelConfig
+
+
+# ---------------------------------------------------------------- parameters
+
+def param_axes(cfg: ModelConfig) -> dict:
+    """Logical axis names for every parameter, in the same tree structure as the params."""
+    layer = {
+        "attn_norm": ("norm",),
+        "wq": ("embed", "heads"), "wk": ("embed", "kv_heads"), "wv": ("embed", "kv_heads"),
+        "wo": ("heads", "embed"),
+        "mlp_norm": ("norm",),
+        "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed"),
+    }
+    if cfg.attention_bias:
+        layer.update(bq=("heads",), bk=("kv_heads",), bv=("kv_heads",))
+    if cfg.qk_norm:
+        layer.update(q_norm=("head_dim",), k_norm=("head_dim",))
+    tree = {"embed": ("vocab", "embed"), "final_norm": ("norm",),
+            "layers": [dict(layer) for _ in range(cfg.num_layers)]}
+    if not cfg.tie_word_embeddings:
+        tree["lm_head"] = ("embed", "vocab")
+    return tree
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    dims = {"vocab": cfg.vocab_size, "embed": d, "heads": q, "kv_heads": kv, "mlp": f,
+            "norm": d, "head_dim": hd}
+    return jax.tree.map(lambda axes: tuple(dims[a] for a in axes), param_axes(cfg),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def hf_weight_names(cfg: ModelConfig) -> dict:
+    """Our parameter path -> (Hugging Face tensor name, transpose?)."""
+    names = {"embed": ("model.embed_tokens.weight", False),
+             "final_norm": ("model.norm.weight", False)}
+    if not cfg.tie_word_embeddings:
+        names["lm_head"] = ("lm_head.weight", True)
+    hf_layer = {
+        "attn_norm": ("input_layernorm.weight", False),
+        "wq": ("self_attn.q_proj.weight", True), "wk": ("self_attn.k_proj.weight", True),
+        "wv": ("self_attn.v_proj.weight", True), "wo": ("self_attn.o_proj.weight", True),
+        "bq": ("self_attn.q_proj.bias", False), "bk": ("self_attn.k_proj.bias", False),
+        "bv": ("self_attn.v_proj.bias", False),
+        "q_norm": ("self_attn.q_norm.weight", False), "k_norm": ("self_attn.k_norm.weight", False),
+        "mlp_norm": ("post_attention_layernorm.weight", False),
+        "w_gate": ("mlp.gate_proj.weight", True), "w_up": ("mlp.up_proj.weight", True),
+        "w_down": ("mlp.down_proj.weight", True),
+    }
+    for i, layer in enumerate(param_axes(cfg)["layers"]):
+        for k in layer:
+            name, transpose = hf_layer[k]
+            names[f"layers.{i}.{k}"] = (f"model.layers.{i}.{name}", transpose)
+    return names
+
+
+def gguf_weight_names(cfg: ModelConfig) -> dict:
+    """Our parameter path -> (GGUF tensor name, transpose?). GGUF stores Linear as [out, in]."""
+    names = {"embed": ("token_embd.weight", False), "final_norm": ("output_norm.weight", False)}
+    if not cfg.tie_word_embeddings:
+        names["lm_head"] = ("output.weight", True)
+    g_layer = {
+        "attn_norm": "attn_norm.weight", "wq": "attn_q.weight", "wk": "attn_k.weight",
+        "wv": "attn_v.weight", "wo": "attn_output.weight", "bq": "attn_q.bias",
+        "bk": "attn_k.bias", "bv": "attn_v.bias", "q_norm": "attn_q_norm.weight",
+        "k_norm": "attn_k_norm.weight", "mlp_norm": "ffn_norm.weight",
+        "w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight", "w_down": "ffn_down.weight",
+    }
+    for i, layer in enumerate(param_axes(cfg)["layers"]):
+        for k in layer:
+            names[f"layers.{i}.{k}"] = (f"blk.{i}.{g_layer[k]}", k.startswith("w"))
+    return names
+
+
+# ---------------------------------------------------------------- building blocks
+
+def rms_norm(x, weight, eps):
+    # Statistics in float32, as Hugging Face does, whatever the compute dtype.
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    scaling = dict(cfg.rope_scaling or ())
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind is None:
+        return inv.astype(np.float32)
+    if kind == "linear":
+        return (inv / scaling["factor"]).astype(np.float32)
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old_ctx / low, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
+
+
+def apply_rope(x, cos, sin):
+    """x [T, H, D]; cos/sin [T, D/2]. Rotate-half layout, as Hugging Face Llama."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+# ---------------------------------------------------------------- forward
+
+def forward(params, kv_cache, batch, cfg: ModelConfig, attn_impl: str = "auto"):
+    """One ragged step over all scheduled tokens.
+
+    batch: input_ids/positions/slot_mapping [T], query_start_loc [S+1], seq_lens [S],
+    block_tables [S, P], logits_indices [S]. kv_cache: list of (k, v) per layer.
+    Returns (new kv_cache, logits [S, vocab] in float32).
+    """
+    t = batch["input_ids"].shape[0]
+    hd, nq, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    x = params["embed"][batch["input_ids"]]
+
+    freqs = batch["positions"].astype(jnp.float32)[:, None] * rope_inv_freq(cfg)[None, :]
+    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+
+    new_cache = []
+    for layer, (k_cache, v_cache) in zip(params["layers"], kv_cache):
+        h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
+        q, k, v = h @ layer["wq"], h @ layer["wk"], h @ layer["wv"]
+        if cfg.attention_bias:
+            q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
+        q, k, v = q.reshape(t, nq, hd), k.reshape(t, nkv, hd), v.reshape(t, nkv, hd)
+        if cfg.qk_norm:
+            q = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps)
+            k = rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        k_cache, v_cache = write_kv_to_pages(k_cache, v_cache, k, v, batch["slot_mapping"])
+        new_cache.append((k_cache, v_cache))
+        o = ragged_paged_attention(
+            q, k_cache, v_cache, batch["seq_lens"], batch["block_tables"],
+            batch["query_start_loc"], sm_scale=hd ** -0.5,
+            sliding_window=cfg.sliding_window, impl=attn_impl)
+        x = x + o.reshape(t, nq * hd) @ layer["wo"]
+
+        h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
+        x = x + (jax.nn.silu(h @ layer["w_gate"]) * (h @ layer["w_up"])) @ layer["w_down"]
+
+    x = rms_norm(x[batch["logits_indices"]], params["final_norm"], cfg.rms_norm_eps)
+    lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return new_cache, jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
