@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 
 import jax
@@ -38,6 +39,10 @@ class EngineCore:
         config = config or EngineConfig(**kwargs)
         config.validate()
         self.config = config
+        if jax.config.jax_compilation_cache_dir is None:  # restarts reuse compiled buckets
+            jax.config.update("jax_compilation_cache_dir",
+                              os.environ.get("ATOM_JAX_CACHE_DIR",
+                                             os.path.expanduser("~/.cache/atom-jax/xla")))
         on_gpu = jax.default_backend() != "cpu"
         dtype = _DTYPES.get(config.dtype) or (jnp.bfloat16 if on_gpu else jnp.float32)
         self.dtype = dtype
@@ -195,6 +200,13 @@ class LLM:
     def __init__(self, model: str | None = None, **kwargs):
         self.engine = EngineCore(EngineConfig(model=model, **kwargs))
         self.tokenizer = self.engine.tokenizer
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLM":
+        llm = cls.__new__(cls)
+        llm.engine = EngineCore(config)
+        llm.tokenizer = llm.engine.tokenizer
+        return llm
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:

@@ -1,0 +1,453 @@
+"""Benchmark the ragged paged attention kernel on a GPU.
+
+Decode (one new token per sequence) at batch 1, 8, 64, 256 and context 512, 4k, 32k;
+a 16k-token causal prefill of one sequence against cuDNN attention; and a mixed batch of
+64 decodes at 4k plus one 2k prefill chunk. Model shape: 32 query heads, 8 KV heads,
+head_dim 128, bf16, page size 16. The XLA reference is timed as a peer where it fits.
+
+Decode figures are K/V bytes read (each sequence's context once per KV head) over time,
+against the device copy bandwidth measured in the same run (bytes read + written by a
+large copy, through JAX and, when present, PyTorch). Prefill figures are causal attention
+FLOPs (4 * T^2/2 * Hq * D) over time.
+
+Every timing is the median over repeats of a jitted loop of many calls, so launch gaps
+are those of a compiled program; consecutive calls read different, shuffled pages
+(several block tables over one large cache) so small problems are not served from L2.
+
+  python scripts/bench_kernels.py [--out docs/benchmarks/kernels-h200.json] [--sweep]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+from kernels_pallas import ragged_paged_attention_triton as rpa  # noqa: E402
+from kernels_pallas.ragged_paged_attention import ragged_paged_attention_reference  # noqa: E402
+
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+DTYPE = jnp.bfloat16
+SCALE = D ** -0.5
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Timing.
+# --------------------------------------------------------------------------------------
+
+def time_loop(step, const, varying, *, target_s=0.05, max_iters=200, repeats=5):
+    """Median seconds per call of `step(*const, *varying[i])` inside one jitted loop.
+
+    Calls cycle through the argument tuples of `varying` (small arrays, stacked), so
+    consecutive calls touch different memory and nothing is loop invariant; `const` (the
+    big cache) is passed through as jit arguments, never copied.
+    """
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *varying)
+    n_sets = len(varying)
+
+    def make(n):
+        @jax.jit
+        def loop(const, stacked):
+            def body(i, acc):
+                vary = jax.tree.map(lambda x: x[i % n_sets], stacked)
+                out = step(*const, *vary)
+                return acc + out.reshape(-1)[0].astype(jnp.float32)
+            return lax.fori_loop(0, n, body, jnp.float32(0))
+        return loop
+
+    one = make(n_sets)
+    jax.block_until_ready(one(const, stacked))  # compile + warm up
+    t0 = time.perf_counter()
+    jax.block_until_ready(one(const, stacked))
+    est = (time.perf_counter() - t0) / n_sets
+    n = int(min(max_iters, max(n_sets, math.ceil(target_s / max(est, 1e-6)))))
+    n = max(n_sets, (n // n_sets) * n_sets)
+    loop = make(n) if n != n_sets else one
+    jax.block_until_ready(loop(const, stacked))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(loop(const, stacked))
+        times.append((time.perf_counter() - t0) / n)
+    return float(np.median(times)), n
+
+
+def copy_bandwidth():
+    """Bytes read + written per second by a large device copy (JAX, and PyTorch if there)."""
+    res = {}
+    n = 1 << 31  # 2 Gi bf16 elements = 4 GiB
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+    f = jax.jit(lambda x: x * jnp.bfloat16(1.0078125))
+    jax.block_until_ready(f(x))
+    ts = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x))
+        ts.append(time.perf_counter() - t0)
+    res["jax_scale_copy_GBps"] = 2 * n * 2 / float(np.median(ts)) / 1e9
+    del x
+    try:
+        import torch
+        if torch.cuda.is_available():
+            a = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+            b = torch.empty_like(a)
+            for _ in range(3):
+                b.copy_(a)
+            torch.cuda.synchronize()
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            ms = []
+            for _ in range(10):
+                ev[0].record()
+                b.copy_(a)
+                ev[1].record()
+                torch.cuda.synchronize()
+                ms.append(ev[0].elapsed_time(ev[1]))
+            res["torch_copy_GBps"] = 2 * n * 2 / (float(np.median(ms)) / 1e3) / 1e9
+            del a, b
+            torch.cuda.empty_cache()
+    except Exception as e:  # noqa: BLE001
+        res["torch_error"] = repr(e)
+    res["copy_GBps"] = max(v for k, v in res.items() if k.endswith("GBps"))
+    return res
+
+
+# --------------------------------------------------------------------------------------
+# Problems.
+# --------------------------------------------------------------------------------------
+
+class Pool:
+    """One large shuffled-page K/V cache shared by every problem."""
+
+    def __init__(self, num_tokens, seed=0):
+        self.num_pages = -(-num_tokens // PAGE)
+        kk, kv = jax.random.split(jax.random.key(seed))
+        shape = (self.num_pages, PAGE, HKV, D)
+        self.k = jax.random.normal(kk, shape, DTYPE)
+        self.v = jax.random.normal(kv, shape, DTYPE)
+        self.rng = np.random.default_rng(seed)
+
+    def block_tables(self, ctx_lens, n_sets):
+        """n_sets block tables, each a random set of distinct pages for every sequence."""
+        pages = [-(-c // PAGE) for c in ctx_lens]
+        total, width = sum(pages), max(pages)
+        assert total <= self.num_pages, (total, self.num_pages)
+        tables = []
+        for _ in range(n_sets):
+            ids = self.rng.permutation(self.num_pages)[:total]
+            bt = np.zeros((len(ctx_lens), width), np.int32)
+            start = 0
+            for s, p in enumerate(pages):
+                bt[s, :p] = ids[start:start + p]
+                start += p
+            tables.append(jnp.asarray(bt))
+        return tables
+
+
+def kv_bytes(ctx_lens):
+    return sum(ctx_lens) * HKV * D * 2 * jnp.dtype(DTYPE).itemsize
+
+
+def causal_flops(q_lens, ctx_lens):
+    f = 0.0
+    for ql, cl in zip(q_lens, ctx_lens):
+        # sum over new tokens of visible keys, 2 matmuls x 2 flop x Hq x D
+        vis = ql * (cl - ql) + ql * (ql + 1) / 2
+        f += 4.0 * vis * HQ * D
+    return f
+
+
+def ragged_inputs(pool, q_lens, ctx_lens, n_sets, seed=1):
+    """(const, varying): step arguments are (q, k, v, kv_lens, query_start_loc, block_tables)."""
+    rng = np.random.default_rng(seed)
+    t = sum(q_lens)
+    q = jnp.asarray(rng.standard_normal((t, HQ, D)), DTYPE)
+    qsl = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32))
+    kvl = jnp.asarray(np.asarray(ctx_lens, np.int32))
+    tables = pool.block_tables(ctx_lens, max(n_sets, 2))
+    return (q, pool.k, pool.v, kvl, qsl), [(bt,) for bt in tables]
+
+
+def n_sets_for(nbytes):
+    """Enough distinct block tables that consecutive calls don't hit in L2."""
+    return int(min(8, max(2, math.ceil(512e6 / nbytes))))
+
+
+def kernel_step(interpret=False, **kw):
+    def step(q, k, v, kvl, qsl, bt):
+        return rpa.ragged_paged_attention_pallas(q, k, v, kvl, bt, qsl, sm_scale=SCALE,
+                                                 interpret=interpret, **kw)
+    return step
+
+
+def reference_step(q, k, v, kvl, qsl, bt):
+    return ragged_paged_attention_reference(q, k, v, kvl, bt, qsl, sm_scale=SCALE)
+
+
+def check(step, inputs, tol=2e-2):
+    """Relative error of the kernel against the XLA reference on one argument set."""
+    args = inputs[0] + inputs[1][0]
+    out = np.asarray(jax.jit(step)(*args).astype(jnp.float32))
+    ref = np.asarray(jax.jit(reference_step)(*args).astype(jnp.float32))
+    rel = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+    return rel, bool(np.isfinite(out).all() and rel < tol)
+
+
+def run_safe(fn, *a, **kw):
+    try:
+        return fn(*a, **kw)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+# --------------------------------------------------------------------------------------
+# Main.
+# --------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="docs/benchmarks/kernels-h200.json")
+    ap.add_argument("--sweep", action="store_true", help="also time alternative configs")
+    ap.add_argument("--small", action="store_true", help="tiny sizes (CPU dry run)")
+    ap.add_argument("--interpret", action="store_true", help="Pallas interpret mode")
+    ap.add_argument("--ref-max-gb", type=float, default=2.5,
+                    help="time the XLA reference only up to this much K/V")
+    args = ap.parse_args()
+
+    dev = jax.devices()[0]
+    info = dict(device=getattr(dev, "device_kind", str(dev)), platform=dev.platform,
+                num_sms=rpa._num_sms(), jax=jax.__version__,
+                jaxlib=_jaxlib_version(),
+                python=platform.python_version(),
+                shapes=dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, page_size=PAGE,
+                            dtype=jnp.dtype(DTYPE).name),
+                configs=dict(decode=dataclasses.asdict(rpa.DECODE_CONFIG),
+                             prefill=dataclasses.asdict(rpa.PREFILL_CONFIG)))
+    log("device:", info)
+    small = args.small
+    batches = [1, 8] if small else [1, 8, 64, 256]
+    ctxs = [64, 300] if small else [512, 4096, 32768]
+    prefill_len = 512 if small else 16384
+    interp = args.interpret
+    results = dict(info=info)
+
+    bw = {"copy_GBps": float("nan")} if interp else run_safe(copy_bandwidth)
+    results["copy_bandwidth"] = bw
+    copy = bw.get("copy_GBps", float("nan"))
+    log("copy bandwidth:", bw)
+
+    pool_tokens = max(max(batches) * max(ctxs) * 1, 2 * prefill_len) + 64 * PAGE
+    if not small:
+        pool_tokens = max(pool_tokens, 2 * 64 * 4096 * 2)
+    pool = Pool(pool_tokens)
+    log(f"cache pool: {pool.num_pages} pages, {2 * pool.k.nbytes / 1e9:.1f} GB")
+
+    # ---- decode -----------------------------------------------------------------------
+    decode = []
+    for ctx in ctxs:
+        for b in batches:
+            ctx_lens = [ctx] * b
+            nb = kv_bytes(ctx_lens)
+            sets = n_sets_for(nb)
+            rec = dict(batch=b, context=ctx, kv_bytes=nb, block_table_sets=sets,
+                       num_kv_splits=rpa.auto_num_kv_splits(b, HKV, ctx,
+                                                            rpa.DECODE_CONFIG.block_n))
+            inputs = ragged_inputs(pool, [1] * b, ctx_lens, sets)
+            step = kernel_step(interp)
+
+            def one():
+                rel, ok = check(step, inputs)
+                t, n = time_loop(step, *inputs)
+                return dict(rel_err=rel, ok=ok, time_us=t * 1e6, iters=n,
+                            GBps=nb / t / 1e9, frac_copy=nb / t / 1e9 / copy)
+            rec.update(run_safe(one))
+            if nb <= args.ref_max_gb * 1e9:
+                r = run_safe(lambda: time_loop(reference_step, *inputs, target_s=0.02,
+                                               max_iters=20, repeats=3))
+                if isinstance(r, tuple):
+                    rec["xla_ref_time_us"] = r[0] * 1e6
+                    rec["xla_ref_GBps"] = nb / r[0] / 1e9
+                else:
+                    rec["xla_ref_error"] = r["error"]
+            log("decode", rec)
+            decode.append(rec)
+    results["decode"] = decode
+
+    # ---- prefill ----------------------------------------------------------------------
+    t = prefill_len
+    flops = causal_flops([t], [t])
+    pre = dict(tokens=t, flops=flops)
+    inputs = ragged_inputs(pool, [t], [t], 2)
+
+    def prefill_kernel():
+        step = kernel_step(interp)
+        rel, ok = check(step, inputs)
+        tm, n = time_loop(step, *inputs, repeats=5)
+        return dict(rel_err=rel, ok=ok, time_ms=tm * 1e3, TFLOPs=flops / tm / 1e12)
+    pre.update(run_safe(prefill_kernel))
+
+    if not interp:
+        def cudnn():
+            rng = np.random.default_rng(2)
+            sets = []
+            for _ in range(2):
+                q = jnp.asarray(rng.standard_normal((1, t, HQ, D)), DTYPE)
+                k = jnp.asarray(rng.standard_normal((1, t, HKV, D)), DTYPE)
+                v = jnp.asarray(rng.standard_normal((1, t, HKV, D)), DTYPE)
+                sets.append((q, k, v))
+            f = lambda q, k, v: jax.nn.dot_product_attention(
+                q, k, v, scale=SCALE, is_causal=True, implementation="cudnn")
+            tm, n = time_loop(f, (), sets, repeats=5)
+            return dict(cudnn_time_ms=tm * 1e3, cudnn_TFLOPs=flops / tm / 1e12)
+        pre.update(run_safe(cudnn))
+
+    def prefill_ref():
+        tm, n = time_loop(reference_step, *inputs, target_s=0.0, max_iters=2, repeats=2)
+        return dict(xla_ref_time_ms=tm * 1e3, xla_ref_TFLOPs=flops / tm / 1e12)
+    pre.update(run_safe(prefill_ref))
+    log("prefill", pre)
+    results["prefill"] = pre
+
+    # ---- mixed ------------------------------------------------------------------------
+    nd, dctx, chunk, cctx = (4, 300, 100, 200) if small else (64, 4096, 2048, 4096)
+    q_lens = [1] * nd + [chunk]
+    ctx_lens = [dctx] * nd + [cctx]
+    nb = kv_bytes(ctx_lens)
+    mflops = causal_flops(q_lens, ctx_lens)
+    mixed = dict(decodes=nd, decode_context=dctx, chunk_tokens=chunk, chunk_context=cctx,
+                 kv_bytes=nb, flops=mflops)
+    inputs = ragged_inputs(pool, q_lens, ctx_lens, n_sets_for(nb))
+
+    def mixed_kernel():
+        step = kernel_step(interp)
+        rel, ok = check(step, inputs)
+        tm, n = time_loop(step, *inputs)
+        # The same two parts as separate calls, for comparison.
+        dec = ragged_inputs(pool, [1] * nd, [dctx] * nd, 2)
+        pf = ragged_inputs(pool, [chunk], [cctx], 2)
+        td, _ = time_loop(step, *dec)
+        tp, _ = time_loop(step, *pf)
+        return dict(rel_err=rel, ok=ok, time_us=tm * 1e6, GBps=nb / tm / 1e9,
+                    decode_only_time_us=td * 1e6, chunk_only_time_us=tp * 1e6)
+    mixed.update(run_safe(mixed_kernel))
+    if nb <= args.ref_max_gb * 1e9:
+        r = run_safe(lambda: time_loop(reference_step, *inputs, target_s=0.02, max_iters=10,
+                                       repeats=3))
+        if isinstance(r, tuple):
+            mixed["xla_ref_time_us"] = r[0] * 1e6
+    log("mixed", mixed)
+    results["mixed"] = mixed
+
+    # ---- optional config sweep --------------------------------------------------------
+    if args.sweep:
+        results["sweep"] = sweep(pool, interp, copy, small)
+
+    # ---- report -----------------------------------------------------------------------
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    log(f"\nwrote {args.out}")
+    print_table(results)
+
+
+def sweep(pool, interp, copy, small):
+    out = []
+    KC = rpa.KernelConfig
+    dec_cases = [(64, 64 if small else 4096, None), (1, 300 if small else 32768, None)]
+    dec_cfgs = [KC(16, 64, 4, 3), KC(16, 128, 4, 3), KC(16, 64, 4, 4), KC(16, 128, 4, 2),
+                KC(16, 32, 4, 4), KC(16, 128, 8, 3), KC(16, 64, 2, 4)]
+    for b, ctx, _ in dec_cases:
+        ctx_lens = [ctx] * b
+        nb = kv_bytes(ctx_lens)
+        inputs = ragged_inputs(pool, [1] * b, ctx_lens, n_sets_for(nb))
+        splits = [None] if b > 1 else [None, 16, 64]
+        for cfg in dec_cfgs:
+            for sp in splits:
+                rec = dict(kind="decode", batch=b, context=ctx, cfg=dataclasses.asdict(cfg),
+                           num_kv_splits=sp)
+                step = kernel_step(interp, decode_config=cfg, num_kv_splits=sp)
+
+                def one():
+                    tm, _ = time_loop(step, *inputs, repeats=3)
+                    return dict(time_us=tm * 1e6, GBps=nb / tm / 1e9,
+                                frac_copy=nb / tm / 1e9 / copy)
+                rec.update(run_safe(one))
+                log("sweep", rec)
+                out.append(rec)
+    t = 512 if small else 16384
+    flops = causal_flops([t], [t])
+    inputs = ragged_inputs(pool, [t], [t], 2)
+    pre_cfgs = [KC(128, 64, 8, 3), KC(128, 128, 8, 3), KC(128, 64, 4, 3), KC(64, 64, 4, 3),
+                KC(128, 32, 4, 4), KC(128, 128, 8, 2), KC(256, 64, 8, 3), KC(64, 128, 4, 3)]
+    for cfg in pre_cfgs:
+        rec = dict(kind="prefill", tokens=t, cfg=dataclasses.asdict(cfg))
+        step = kernel_step(interp, prefill_config=cfg)
+
+        def one():
+            tm, _ = time_loop(step, *inputs, repeats=3)
+            return dict(time_ms=tm * 1e3, TFLOPs=flops / tm / 1e12)
+        rec.update(run_safe(one))
+        log("sweep", rec)
+        out.append(rec)
+    return out
+
+
+def _jaxlib_version():
+    try:
+        import jaxlib
+        return jaxlib.__version__
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _f(x, fmt):
+    return format(x, fmt) if isinstance(x, (int, float)) and x == x else "-"
+
+
+def print_table(r):
+    copy = r["copy_bandwidth"].get("copy_GBps", float("nan"))
+    lines = [f"device {r['info']['device']}  jax {r['info']['jax']}  copy bandwidth "
+             f"{_f(copy, '.0f')} GB/s " + " ".join(
+                 f"({k} {_f(v, '.0f')})" for k, v in r["copy_bandwidth"].items()
+                 if k != "copy_GBps" and k.endswith("GBps"))]
+    lines.append(f"{'decode':<14}{'splits':>7}{'time us':>10}{'GB/s':>8}{'%copy':>7}"
+                 f"{'xla us':>10}{'ok':>4}")
+    for d in r["decode"]:
+        name = f"B{d['batch']} ctx{d['context']}"
+        lines.append(f"{name:<14}{d.get('num_kv_splits', 0):>7}"
+                     f"{_f(d.get('time_us'), '.1f'):>10}{_f(d.get('GBps'), '.0f'):>8}"
+                     f"{_f(100 * d.get('frac_copy', float('nan')), '.0f'):>7}"
+                     f"{_f(d.get('xla_ref_time_us'), '.0f'):>10}"
+                     f"{'y' if d.get('ok') else 'N':>4}")
+    p = r["prefill"]
+    lines.append(f"prefill {p['tokens']} causal: {_f(p.get('time_ms'), '.2f')} ms "
+                 f"{_f(p.get('TFLOPs'), '.0f')} TFLOP/s | cudnn {_f(p.get('cudnn_time_ms'), '.2f')}"
+                 f" ms {_f(p.get('cudnn_TFLOPs'), '.0f')} TFLOP/s | xla ref "
+                 f"{_f(p.get('xla_ref_time_ms'), '.1f')} ms | ok {'y' if p.get('ok') else 'N'}")
+    m = r["mixed"]
+    lines.append(f"mixed {m['decodes']}x{m['decode_context']} decode + {m['chunk_tokens']}-token "
+                 f"chunk: {_f(m.get('time_us'), '.0f')} us (decodes alone "
+                 f"{_f(m.get('decode_only_time_us'), '.0f')}, chunk alone "
+                 f"{_f(m.get('chunk_only_time_us'), '.0f')}) xla ref "
+                 f"{_f(m.get('xla_ref_time_us'), '.0f')} us | ok {'y' if m.get('ok') else 'N'}")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+import os
+
+# Compiled programs persist across test processes (and across CI steps of one run).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/atom-jax-test-xla-cache")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if jax.default_backend() == "gpu":
+        return
+    skip = pytest.mark.skip(reason="needs a GPU (run on the device)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
