@@ -21,10 +21,11 @@ Steps that no mask can touch (all keys visible to all rows) run in a loop withou
 masking; the causal diagonal, the sliding-window edge and the partially filled last
 page run in a masked loop.
 
-Grids are static while the batch is ragged, so the mapping tile -> (sequence, first
-token, token count, first position) is computed with plain JAX ops before the kernel
-and handed in as an int32 table; tiles past the real work have a token count of 0 and
-return at once.
+Grids are static while the batch is ragged. Decode tiles map program i to sequence i and
+read its token range from query_start_loc inside the kernel; for prefill tiles the
+mapping tile -> (sequence, first token, token count, first position) is computed with
+plain JAX ops before the kernel and handed in as an int32 table. Tiles past the real work
+have a token count of 0 and return at once.
 
 Sequences are served by one of two launches of the same kernel body, chosen per
 sequence at run time from its number of new tokens:
@@ -33,7 +34,7 @@ sequence at run time from its number of new tokens:
   short speculative chunks). One tile per sequence, small `block_m`. When the batch is
   too small to fill the GPU, the context is split into `num_kv_splits` parts
   (flash-decoding): each part writes a partial output and its log-sum-exp, and a small
-  JAX combine step merges them.
+  combine launch merges them into the output rows.
 * "prefill" tiles: the other sequences, cut into tiles of `prefill.block_m // group`
   tokens, large `block_m` for matrix-unit efficiency.
 
@@ -88,6 +89,8 @@ SPLIT_PROGRAMS_PER_SM = 2
 # ... with at most this many splits, each covering at least this many inner steps.
 MAX_KV_SPLITS = 32
 MIN_STEPS_PER_SPLIT = 4
+# The split-combine launch (tiny: one program per sequence and KV head).
+COMBINE_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
 # Multiprocessor count used when the device does not report one (interpret mode on CPU).
 DEFAULT_NUM_SMS = 132
 
@@ -148,19 +151,37 @@ def _row_ref(ref, idx0, idx1, dp: int):
     return ref.at[idx0[:, None], idx1, col]
 
 
-def _attention_kernel(meta_ref, q_ref, k_ref, v_ref, bt_ref, *refs, group: int,
-                      head_dim: int, page_size: int, cfg: KernelConfig, sm_scale: float,
-                      soft_cap: float | None, sliding_window: int | None,
-                      num_splits: int, split_out: bool, aliased: bool):
-    if aliased:
-        refs = refs[1:]  # the aliased input; the kernel writes through the output ref
+def _decode_tile(qsl_ref, kvl_ref, seq, max_q):
+    """(first token, token count, first position) of sequence `seq` as a decode tile."""
+    tok0 = qsl_ref[seq]
+    q_len = qsl_ref[seq + 1] - tok0
+    ntok = jnp.where(q_len <= max_q, q_len, 0)
+    return tok0, ntok, kvl_ref[seq] - q_len
+
+
+def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: KernelConfig,
+                      sm_scale: float, soft_cap: float | None, sliding_window: int | None,
+                      num_splits: int, split_out: bool, aliased: bool, decode_max_q: int | None):
+    """One (query tile, KV head, context split) program.
+
+    Decode launches (decode_max_q set) take (query_start_loc, kv_lens) and map program i to
+    sequence i; prefill launches take the tile table built by `_prefill_tiles`.
+    """
     block_m, block_n = cfg.block_m, cfg.block_n
     dp = _pow2(head_dim)
     tile, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    seq = meta_ref[tile, 0]
-    tok0 = meta_ref[tile, 1]
-    ntok = meta_ref[tile, 2]
-    pos0 = meta_ref[tile, 3]
+    if decode_max_q is not None:
+        qsl_ref, kvl_ref, q_ref, k_ref, v_ref, bt_ref, *refs = refs
+        seq = tile
+        tok0, ntok, pos0 = _decode_tile(qsl_ref, kvl_ref, seq, decode_max_q)
+    else:
+        meta_ref, q_ref, k_ref, v_ref, bt_ref, *refs = refs
+        seq = meta_ref[tile, 0]
+        tok0 = meta_ref[tile, 1]
+        ntok = meta_ref[tile, 2]
+        pos0 = meta_ref[tile, 3]
+    if aliased:
+        refs = refs[1:]  # the aliased input; the kernel writes through the output ref
 
     rows = jnp.arange(block_m, dtype=jnp.int32)
     row_tok = rows // group
@@ -281,19 +302,24 @@ def _attention_kernel(meta_ref, q_ref, k_ref, v_ref, bt_ref, *refs, group: int,
             plgpu.store(o_view, o, mask=jnp.broadcast_to(mask, (block_m, dp)))
 
 
-def _launch(meta, q, k_flat, v_flat, block_tables, out, *, group, head_dim, page_size,
-            cfg, sm_scale, soft_cap, sliding_window, num_splits, split_out, interpret,
-            name):
-    """One pallas_call over grid (tiles, kv_heads, splits)."""
+def _launch(tile_args, q, k_flat, v_flat, block_tables, out, *, group, head_dim,
+            page_size, cfg, sm_scale, soft_cap, sliding_window, num_splits, split_out,
+            interpret, name, decode_max_q=None):
+    """One pallas_call over grid (tiles, kv_heads, splits).
+
+    tile_args: (query_start_loc, kv_lens) for a decode launch (one tile per sequence), or
+    (tile_table,) for a prefill launch.
+    """
     num_tokens, num_q_heads, _ = q.shape
     num_kv_heads = k_flat.shape[1]
-    num_tiles = meta.shape[0]
+    num_tiles = (tile_args[1].shape[0] if decode_max_q is not None else tile_args[0].shape[0])
     dp = _pow2(head_dim)
     kernel = functools.partial(
         _attention_kernel, group=group, head_dim=head_dim, page_size=page_size, cfg=cfg,
         sm_scale=float(sm_scale), soft_cap=None if soft_cap is None else float(soft_cap),
         sliding_window=None if sliding_window is None else int(sliding_window),
-        num_splits=num_splits, split_out=split_out, aliased=out is not None)
+        num_splits=num_splits, split_out=split_out, aliased=out is not None,
+        decode_max_q=decode_max_q)
     if split_out:
         out_shape = (
             jax.ShapeDtypeStruct((num_splits, num_tiles, num_kv_heads, cfg.block_m, dp),
@@ -303,7 +329,7 @@ def _launch(meta, q, k_flat, v_flat, block_tables, out, *, group, head_dim, page
         )
     else:
         out_shape = jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), q.dtype)
-    args = [meta, q, k_flat, v_flat, block_tables]
+    args = [*tile_args, q, k_flat, v_flat, block_tables]
     aliases = {}
     if out is not None:
         aliases = {len(args): 0}
@@ -319,20 +345,67 @@ def _launch(meta, q, k_flat, v_flat, block_tables, out, *, group, head_dim, page
     )(*args)
 
 
+def _combine_kernel(qsl_ref, kvl_ref, o_part_ref, lse_ref, *refs, group: int,
+                    head_dim: int, num_splits: int, max_q: int, aliased: bool):
+    """Merge the flash-decoding partials of one (sequence, KV head) into the output rows."""
+    out_ref = refs[-1]
+    seq, kv_head = pl.program_id(0), pl.program_id(1)
+    tok0, ntok, _ = _decode_tile(qsl_ref, kvl_ref, seq, max_q)
+    block_m, dp = o_part_ref.shape[-2:]
+    rows = jnp.arange(block_m, dtype=jnp.int32)
+    row_tok = rows // group
+    row_head = kv_head * group + rows % group
+    row_ok = row_tok < ntok
+
+    @pl.when(ntok > 0)
+    def _():
+        def body(sp, carry):
+            acc, m, l = carry
+            lse = lse_ref[sp, seq, kv_head, :]
+            o = o_part_ref[sp, seq, kv_head, :, :]
+            m_new = jnp.maximum(m, lse)
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            a = jnp.exp2(m - m_use)
+            w = jnp.exp2(lse - m_use)
+            return acc * a[:, None] + o * w[:, None], m_new, l * a + w
+
+        acc, _, l = lax.fori_loop(
+            0, num_splits, body,
+            (jnp.zeros((block_m, dp), jnp.float32),
+             jnp.full((block_m,), -jnp.inf, jnp.float32),
+             jnp.zeros((block_m,), jnp.float32)))
+        o = (acc / l[:, None]).astype(out_ref.dtype)
+        mask = row_ok[:, None]
+        if dp != head_dim:
+            mask = mask & (jnp.arange(dp, dtype=jnp.int32) < head_dim)[None, :]
+        plgpu.store(_row_ref(out_ref, tok0 + row_tok, row_head, dp), o,
+                    mask=jnp.broadcast_to(mask, (block_m, dp)))
+
+
+def _combine(query_start_loc, kv_lens, o_part, lse, q, out, *, group, head_dim, max_q,
+             interpret):
+    num_splits, num_seqs, num_kv_heads = o_part.shape[:3]
+    kernel = functools.partial(_combine_kernel, group=group, head_dim=head_dim,
+                               num_splits=num_splits, max_q=max_q, aliased=out is not None)
+    args = [query_start_loc, kv_lens, o_part, lse]
+    aliases = {}
+    if out is not None:
+        aliases = {len(args): 0}
+        args.append(out)
+    return pl.pallas_call(
+        kernel,
+        grid=(num_seqs, num_kv_heads),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        input_output_aliases=aliases,
+        compiler_params=_compiler_params(COMBINE_CONFIG),
+        interpret=interpret,
+        name="ragged_paged_attention_combine",
+    )(*args)
+
+
 # --------------------------------------------------------------------------------------
 # Tile tables (plain JAX, before the kernel).
 # --------------------------------------------------------------------------------------
-
-def _decode_tiles(query_start_loc, kv_lens, max_q):
-    """One tile per sequence with 1..max_q new tokens; others get a token count of 0."""
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    num_seqs = q_lens.shape[0]
-    small = (q_lens >= 1) & (q_lens <= max_q)
-    seq = jnp.arange(num_seqs, dtype=jnp.int32)
-    ntok = jnp.where(small, q_lens, 0)
-    pos0 = kv_lens - q_lens
-    return jnp.stack([seq, query_start_loc[:-1], ntok, pos0], axis=1).astype(jnp.int32), small
-
 
 def _prefill_tiles(query_start_loc, kv_lens, min_q, q_tile, num_tiles):
     """Tiles of q_tile tokens of the sequences with more than min_q new tokens.
@@ -355,25 +428,6 @@ def _prefill_tiles(query_start_loc, kv_lens, min_q, q_tile, num_tiles):
     return meta[::-1]
 
 
-def _combine_splits(o_part, lse, meta, group, head_dim, out, num_tokens):
-    """Merge flash-decoding partials [splits, tiles, Hkv, M, dp] into out rows."""
-    m = jnp.max(lse, axis=0)
-    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.exp2(lse - m_safe[None])  # [splits, tiles, Hkv, M]
-    denom = jnp.sum(w, axis=0)
-    o = jnp.einsum("stkm,stkmd->tkmd", w, o_part) / jnp.where(denom == 0, 1.0, denom)[..., None]
-    _, num_kv_heads, block_m, _ = o.shape
-    rows = jnp.arange(block_m, dtype=jnp.int32)
-    row_tok = rows // group
-    heads = jnp.arange(num_kv_heads, dtype=jnp.int32)[:, None] * group + (rows % group)[None, :]
-    tok = meta[:, 1][:, None, None] + row_tok[None, None, :]  # [tiles, 1, M]
-    ok = row_tok[None, None, :] < meta[:, 2][:, None, None]
-    tok = jnp.broadcast_to(jnp.where(ok, tok, num_tokens), o.shape[:3])
-    heads = jnp.broadcast_to(heads[None], o.shape[:3])
-    vals = o[..., :head_dim].astype(out.dtype)
-    return out.at[tok, heads].set(vals, mode="drop")
-
-
 # --------------------------------------------------------------------------------------
 # Entry point.
 # --------------------------------------------------------------------------------------
@@ -383,13 +437,16 @@ def ragged_paged_attention_pallas(
     *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
     interpret: bool = False, num_kv_splits: int | None = None,
     decode_config: KernelConfig | None = None, prefill_config: KernelConfig | None = None,
-    out_init=None,
+    max_q_len: int | None = None, out_init=None,
 ):
     """Ragged paged attention for a mixed batch of decodes and prefill chunks.
 
     num_kv_splits: context splits of decode tiles (flash-decoding); None picks from the
       batch size and the device's multiprocessor count.
     decode_config / prefill_config: override the Triton parameters (benchmarks, tuning).
+    max_q_len: optional static promise that no sequence has more new tokens than this;
+      when it fits a decode tile (e.g. 1 for a decode-only step) the prefill launch and
+      its tile table are skipped. Without it a batch may mix anything.
     out_init: optional [T, Hq, D] buffer the output is written into; rows the kernel
       does not write (padding tokens) keep its values. Tests pass a NaN-filled buffer to
       catch rows the kernel failed to write.
@@ -400,15 +457,16 @@ def ragged_paged_attention_pallas(
         sliding_window=None if sliding_window is None else int(sliding_window),
         soft_cap=None if soft_cap is None else float(soft_cap),
         interpret=bool(interpret), num_kv_splits=num_kv_splits,
-        decode_config=decode_config, prefill_config=prefill_config)
+        decode_config=decode_config, prefill_config=prefill_config,
+        max_q_len=None if max_q_len is None else int(max_q_len))
 
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "sliding_window", "soft_cap", "interpret", "num_kv_splits",
-    "decode_config", "prefill_config"))
+    "decode_config", "prefill_config", "max_q_len"))
 def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_start_loc,
                             out_init, *, sm_scale, sliding_window, soft_cap, interpret,
-                            num_kv_splits, decode_config, prefill_config):
+                            num_kv_splits, decode_config, prefill_config, max_q_len):
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = k_cache.shape
     num_seqs, max_pages = block_tables.shape
@@ -433,30 +491,30 @@ def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_st
     common = dict(group=group, head_dim=head_dim, page_size=page_size, sm_scale=sm_scale,
                   soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret)
 
-    # Decode tiles.
+    # Decode tiles: one per sequence, at most max_q_decode new tokens.
     if num_kv_splits is None:
         num_kv_splits = auto_num_kv_splits(num_seqs, num_kv_heads, max_pages * page_size,
                                            dec_cfg.block_n)
-    dec_meta, _ = _decode_tiles(query_start_loc, kv_lens, max_q_decode)
-    out = out_init
+    seq_args = (query_start_loc, kv_lens)
     if num_kv_splits > 1:
-        o_part, lse = _launch(dec_meta, q, k_flat, v_flat, block_tables, None, cfg=dec_cfg,
+        o_part, lse = _launch(seq_args, q, k_flat, v_flat, block_tables, None, cfg=dec_cfg,
                               num_splits=num_kv_splits, split_out=True,
-                              name="ragged_paged_attention_decode_split", **common)
-        if out is None:
-            out = jnp.zeros_like(q)
-        out = _combine_splits(o_part, lse, dec_meta, group, head_dim, out, num_tokens)
+                              name="ragged_paged_attention_decode_split",
+                              decode_max_q=max_q_decode, **common)
+        out = _combine(query_start_loc, kv_lens, o_part, lse, q, out_init, group=group,
+                       head_dim=head_dim, max_q=max_q_decode, interpret=interpret)
     else:
-        out = _launch(dec_meta, q, k_flat, v_flat, block_tables, out, cfg=dec_cfg,
+        out = _launch(seq_args, q, k_flat, v_flat, block_tables, out_init, cfg=dec_cfg,
                       num_splits=1, split_out=False, name="ragged_paged_attention_decode",
-                      **common)
+                      decode_max_q=max_q_decode, **common)
 
     # Prefill tiles: only if some sequence can have more new tokens than a decode tile.
-    if num_tokens > max_q_decode:
+    longest = num_tokens if max_q_len is None else min(num_tokens, max_q_len)
+    if longest > max_q_decode:
         max_big_seqs = min(num_seqs, num_tokens // (max_q_decode + 1))
         num_tiles = max(num_tokens // q_tile + max_big_seqs, 1)
         pre_meta = _prefill_tiles(query_start_loc, kv_lens, max_q_decode, q_tile, num_tiles)
-        out = _launch(pre_meta, q, k_flat, v_flat, block_tables, out, cfg=pre_cfg,
+        out = _launch((pre_meta,), q, k_flat, v_flat, block_tables, out, cfg=pre_cfg,
                       num_splits=1, split_out=False, name="ragged_paged_attention_prefill",
                       **common)
     return out

@@ -182,6 +182,17 @@ def test_sliding_window_and_soft_cap(sliding_window, soft_cap, dtype, interpret)
 
 
 @pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("num_kv_splits", [1, 4])
+def test_decode_only_hint(num_kv_splits, interpret):
+    """max_q_len=1 (decode-only step) skips the prefill launch and still writes every row."""
+    rng = np.random.default_rng(81)
+    b = make_batch(rng, [1] * 9, rng.integers(1, 700, 9), num_q_heads=8, num_kv_heads=2,
+                   head_dim=128, page_size=16, dtype=jnp.bfloat16)
+    run_and_check(b, jnp.bfloat16, interpret=interpret, max_q_len=1,
+                  num_kv_splits=num_kv_splits)
+
+
+@pytest.mark.parametrize("interpret", MODES)
 def test_head_dim_padded(interpret):
     """head_dim that is not a power of two runs padded inside the kernel."""
     rng = np.random.default_rng(31)
