@@ -447,7 +447,14 @@ def _validation_to_api_error(e: RequestValidationError) -> APIError:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") in ("json_invalid", "json_type"):
         return APIError(400, f"The body is not a valid JSON object: {first.get('msg')}")
-    loc = [p for p in first.get("loc", ()) if p != "body"]
+    # Errors of one field (one per member of a union type) share a location prefix: name that.
+    locs = [tuple(p for p in err.get("loc", ()) if p != "body") for err in errors] or [()]
+    loc = locs[0]
+    for other in locs[1:]:
+        n = 0
+        while n < min(len(loc), len(other)) and loc[n] == other[n]:
+            n += 1
+        loc = loc[:n]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
-    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
-    return APIError(400, f"{param or 'body'}: {first.get('msg')}{more}", param=param)
+    messages = list(dict.fromkeys(err.get("msg", "") for err in errors))
+    return APIError(400, f"{param or 'body'}: {'; '.join(messages[:4])}", param=param)
