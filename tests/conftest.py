@@ -14,3 +14,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def llm():
+    """One engine on the default model for the whole run: a 64-token step budget splits long
+    prompts into prefill chunks."""
+    from atom_jax import LLM
+    return LLM(max_num_batched_tokens=64, max_num_seqs=16, max_model_len=1024)

@@ -1,0 +1,126 @@
+"""Acceptance 6 (through the engine) and 7: seeded sampling, stop conditions, bad input."""
+import json
+
+import pytest
+
+from atom_jax import LLM, SamplingParams
+from atom_jax.loader import load_gguf, load_hf, resolve_model
+from tests.test_engine_smollm2 import assert_all_blocks_free
+
+PROMPT = "Write a short story about a cat."
+
+
+def texts(outs):
+    return [o.outputs[0].text for o in outs]
+
+
+def test_seeded_sampling_reproduces_whatever_the_batch(llm):
+    p = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = llm.generate(PROMPT, p)[0].outputs[0].token_ids
+    crowd = llm.generate([PROMPT, "Hello there", PROMPT],
+                         [p, SamplingParams(temperature=1.0, max_tokens=16), p])
+    assert crowd[0].outputs[0].token_ids == alone == crowd[2].outputs[0].token_ids
+    other = llm.generate(PROMPT, SamplingParams(temperature=1.0, top_p=0.9, seed=99,
+                                                max_tokens=16, ignore_eos=True))[0]
+    assert other.outputs[0].token_ids != alone
+
+
+def test_n_completions_differ_and_unseeded_requests_vary(llm):
+    out = llm.generate(PROMPT, SamplingParams(n=3, temperature=1.0, max_tokens=12, ignore_eos=True))[0]
+    assert len(out.outputs) == 3
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+
+
+def test_stop_conditions(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    full = llm.generate(PROMPT, greedy)[0].outputs[0]
+    assert full.finish_reason == "length" and len(full.token_ids) == 40
+    # a stop string taken from the greedy text cuts the output right before it
+    word = full.text.split()[3]
+    cut = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=40, stop=[word], ignore_eos=True))[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == word
+    assert cut.text == full.text[:full.text.index(word)]
+    kept = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=40, stop=word, ignore_eos=True,
+                                               include_stop_str_in_output=True))[0].outputs[0]
+    assert kept.text == full.text[:full.text.index(word) + len(word)]
+    # a stop token id ends it at that token
+    tid = full.token_ids[5]
+    by_id = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                                stop_token_ids=[tid]))[0].outputs[0]
+    assert by_id.finish_reason == "stop" and by_id.stop_reason == tid
+    assert by_id.token_ids == full.token_ids[:full.token_ids.index(tid) + 1]
+
+
+def test_eos_min_tokens_and_ignore_eos(llm):
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    short = llm.chat(chat, SamplingParams(temperature=0, max_tokens=64))[0].outputs[0]
+    assert short.finish_reason == "stop" and short.token_ids[-1] in llm.engine.eos_token_ids
+    n = len(short.token_ids)
+    longer = llm.chat(chat, SamplingParams(temperature=0, max_tokens=64, min_tokens=n + 5))[0].outputs[0]
+    assert len(longer.token_ids) >= n + 5
+    assert not set(longer.token_ids[:n + 4]) & set(llm.engine.eos_token_ids)
+    ignored = llm.chat(chat, SamplingParams(temperature=0, max_tokens=n + 8, ignore_eos=True))[0].outputs[0]
+    assert len(ignored.token_ids) == n + 8 and ignored.finish_reason == "length"
+
+
+def test_logprobs(llm):
+    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True))[0].outputs[0]
+    assert len(out.logprobs) == 5
+    for token, lp in zip(out.token_ids, out.logprobs):
+        assert token in lp and len(lp) == 3  # greedy token is also the top-1
+        assert max(lp.values()) == lp[token] <= 0.0
+    assert out.cumulative_logprob == pytest.approx(sum(d[t] for d, t in zip(out.logprobs, out.token_ids)))
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(top_k=-2), "top_k"),
+    (dict(min_p=2.0), "min_p"),
+    (dict(n=0), "n"),
+    (dict(logprobs=50), "logprobs"),
+])
+def test_bad_sampling_params_name_the_parameter(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_are_refused_and_the_engine_keeps_working(llm):
+    with pytest.raises(ValueError, match="prompt"):
+        llm.generate("word " * 1100, SamplingParams(max_tokens=4))  # over max_model_len=1024
+    with pytest.raises(ValueError, match="prompt"):
+        llm.generate("", SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        llm.generate([[1, 2, 10**9]], SamplingParams(max_tokens=4))
+    assert_all_blocks_free(llm)
+    out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=4))[0]
+    assert len(out.outputs[0].token_ids) == 4
+
+
+def test_unknown_model_path():
+    with pytest.raises(ValueError, match="model"):
+        LLM("/nonexistent/model/dir")
+
+
+def test_corrupt_checkpoints(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 8,
+        "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}))
+    (hf / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    kind, path = resolve_model(str(hf))
+    with pytest.raises(ValueError, match="checkpoint"):
+        load_hf(path, "float32")
+    gguf = tmp_path / "broken.gguf"
+    gguf.write_bytes(b"GGUF" + b"\xff" * 200)
+    kind, path = resolve_model(str(gguf))
+    with pytest.raises(ValueError, match="checkpoint"):
+        load_gguf(path, "float32")
+    bad_json = tmp_path / "badjson"
+    bad_json.mkdir()
+    (bad_json / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        load_hf(bad_json, "float32")

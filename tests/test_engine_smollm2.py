@@ -1,0 +1,94 @@
+"""Acceptance 2-5 on the real SmolLM2-135M-Instruct GGUF: parity with transformers, batching
+invariance, prefix caching, preemption."""
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from atom_jax import LLM, SamplingParams
+from atom_jax.loader import default_model_path
+
+CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+                "Explain gravity in one sentence.", "List three fruits and their colors."]
+GREEDY = SamplingParams(temperature=0, max_tokens=64)
+
+# Prompts of very different lengths: the long ones exceed the 64-token step budget below.
+TOPICS = ["the moon", "bread", "rivers", "a small robot", "winter", "chess", "the ocean",
+          "coffee", "trains", "music", "volcanoes", "bees", "libraries", "rain", "maps", "tea"]
+
+
+def varied_prompts():
+    out = []
+    for i, topic in enumerate(TOPICS):
+        filler = " ".join(f"Point {j}: {topic} matters for reason {j}." for j in range(i % 4 * 6))
+        out.append(f"{filler} Tell me one short fact about {topic}.".strip())
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    path = Path(default_model_path())
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    return model
+
+
+def assert_all_blocks_free(llm):
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
+
+
+def test_greedy_matches_transformers_on_gguf(llm, hf_model):
+    tok = llm.tokenizer
+    ours = llm.chat([[{"role": "user", "content": p}] for p in CHAT_PROMPTS], GREEDY)
+    for prompt, out in zip(CHAT_PROMPTS, ours):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                      add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=True)["input_ids"]
+        with torch.no_grad():
+            ref = hf_model.generate(ids, max_new_tokens=64, do_sample=False,
+                                    eos_token_id=llm.engine.eos_token_ids)[0, ids.shape[1]:].tolist()
+        assert out.outputs[0].token_ids == ref, prompt
+        assert len(ref) > 5
+    assert_all_blocks_free(llm)
+
+
+def test_greedy_is_batch_invariant(llm):
+    prompts = varied_prompts()
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    lengths = [len(llm.tokenizer.encode(p)) for p in prompts]
+    assert max(lengths) > 2 * 64  # some prompts need several prefill chunks
+    together = llm.generate(prompts, params)
+    for prompt, out in zip(prompts, together):
+        alone = llm.generate(prompt, params)[0]
+        assert alone.outputs[0].token_ids == out.outputs[0].token_ids, prompt
+    assert_all_blocks_free(llm)
+
+
+def test_prefix_caching_reports_hits_and_frees_everything(llm):
+    shared = " ".join(f"Fact {i}: the number {i} comes after {i - 1}." for i in range(1, 30))
+    params = SamplingParams(temperature=0, max_tokens=16)
+    first = llm.generate(shared + " Which number comes after 7?", params)[0]
+    second = llm.generate(shared + " Which number comes after 7?", params)[0]
+    third = llm.generate(shared + " Which number comes after 12?", params)[0]
+    assert second.num_cached_tokens > 0 and third.num_cached_tokens > 0
+    assert first.num_cached_tokens == 0 or first.num_cached_tokens < second.num_cached_tokens
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+    fresh = llm.generate(" ".join(["unrelated words"] * 5) + shared + " After 12?", params)[0]
+    assert fresh.num_cached_tokens == 0  # a different first block shares nothing
+    assert_all_blocks_free(llm)
+
+
+def test_preemption_completes_everything_identically(llm):
+    prompts = varied_prompts()[:8]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    # 24 blocks of 16 tokens: far less than 8 sequences of up to ~330 tokens need at once.
+    small = LLM(num_kv_blocks=24, max_model_len=384, max_num_batched_tokens=64, max_num_seqs=16)
+    outs = small.generate(prompts, params)
+    assert small.engine.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    assert_all_blocks_free(small)
