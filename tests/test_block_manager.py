@@ -1,0 +1,82 @@
+"""Paged KV blocks: allocation, chained-hash prefix caching, reference counts, LRU eviction,
+and the scheduler's preemption when blocks run out (pure Python, no model)."""
+from atom_jax.block_manager import BlockManager
+from atom_jax.sampling_params import SamplingParams
+from atom_jax.scheduler import Scheduler
+from atom_jax.sequence import Sequence
+
+
+def seq(tokens, name="s"):
+    return Sequence(name, tokens, SamplingParams(max_tokens=8), seed=0, max_tokens=8)
+
+
+def run_prefill(bm, s):
+    cached = bm.find_cached_prefix(s)
+    s.num_computed_tokens = len(cached) * bm.block_size
+    bm.allocate(s, s.num_tokens - s.num_computed_tokens, cached)
+    s.num_computed_tokens = s.num_tokens
+    bm.register_full_blocks(s)
+    return len(cached)
+
+
+def test_shared_prefix_is_found_and_reference_counted():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    a = seq(list(range(10)), "a")  # 2 full blocks + 2 tokens
+    assert run_prefill(bm, a) == 0
+    b = seq(list(range(8)) + [99, 98, 97], "b")
+    assert run_prefill(bm, b) == 2  # both full blocks of the shared 8-token prefix
+    assert b.block_table[:2] == a.block_table[:2]
+    assert bm.ref_counts[a.block_table[0]] == 2
+    bm.free(a)
+    bm.free(b)
+    assert bm.num_free_blocks == 16
+
+
+def test_prefix_match_needs_the_whole_chain():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    run_prefill(bm, seq([1, 2, 3, 4, 5, 6, 7, 8, 9], "a"))
+    # same second block, different first block: the chained hash must not match
+    assert run_prefill(bm, seq([0, 2, 3, 4, 5, 6, 7, 8, 9], "b")) == 0
+
+
+def test_last_token_is_always_computed():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    run_prefill(bm, seq(list(range(8)), "a"))
+    again = seq(list(range(8)), "b")
+    assert run_prefill(bm, again) == 1  # 8 tokens cached would leave nothing to run
+
+
+def test_freed_blocks_stay_cached_until_evicted_lru():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    a = seq(list(range(9)), "a")  # 3 blocks, 2 of them full
+    run_prefill(bm, a)
+    bm.free(a)
+    assert bm.num_free_blocks == 4
+    b = seq(list(range(9)), "b")
+    assert run_prefill(bm, b) == 2  # still cached after being freed
+    bm.free(b)
+    c = seq([50 + i for i in range(13)], "c")  # needs all 4 blocks: evicts the cached ones
+    run_prefill(bm, c)
+    bm.free(c)
+    assert run_prefill(bm, seq(list(range(9)), "d")) == 0
+
+
+def test_scheduler_preempts_when_blocks_run_out_and_mixes_prefill_with_decode():
+    bm = BlockManager(num_blocks=6, block_size=4, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=16)
+    a, b = seq(list(range(10)), "a"), seq(list(range(100, 110)), "b")
+    sched.add(a)
+    sched.add(b)
+    batch = sched.schedule()
+    assert batch.seqs == [a, b] and batch.num_new_tokens == [10, 6]  # b's prefill is chunked
+    sched.update(batch, [1, 2])
+    assert a.num_tokens == 11 and b.num_tokens == 10  # only a finished its prompt
+    batch = sched.schedule()
+    assert batch.num_new_tokens == [1, 4]  # a decodes while b's prefill continues
+    sched.update(batch, [3, 4])
+    # a needs a 4th block for token 13..; 6 blocks: a has 3, b has 3 -> someone is preempted
+    for _ in range(3):
+        batch = sched.schedule()
+        sched.update(batch, [5] * len(batch))
+    assert sched.num_preemptions >= 1
+    assert bm.num_free_blocks + sum(len(s.block_table) for s in sched.running) == 6

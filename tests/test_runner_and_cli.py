@@ -1,0 +1,48 @@
+"""The compile guard, shape buckets, and the generate CLI."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from atom_jax import SamplingParams
+from atom_jax.model_runner import CompileWhileServingError, token_buckets
+from atom_jax.scheduler import ScheduledBatch
+
+
+def test_token_buckets():
+    assert token_buckets(256) == [16, 32, 64, 128, 256]
+    assert token_buckets(100) == [16, 32, 64, 100]
+    assert token_buckets(8) == [8]
+
+
+def test_no_compilation_while_serving_and_the_guard_catches_one(llm):
+    runner = llm.engine.runner
+    assert runner.guard is not None  # armed by start-up compilation
+    llm.generate(["One", "Two words", "A somewhat longer prompt " * 8],
+                 SamplingParams(temperature=0.7, top_k=20, max_tokens=6, repetition_penalty=1.2))
+    # A shape outside every bucket must fail loudly instead of compiling silently.
+    inputs = runner._padded_inputs(runner.buckets[0] + 1)
+    sp, _ = runner.prepare_sampling(ScheduledBatch([], []), len(inputs["seq_lens"]))
+    with pytest.raises(CompileWhileServingError):
+        with runner.guard:
+            runner.run(inputs, sp, None)
+
+
+def test_generate_cli_json():
+    out = subprocess.run(
+        [sys.executable, "-m", "atom_jax.generate", "--prompt", "What is the capital of France?",
+         "--chat", "--json", "--max-tokens", "12", "--max-num-batched-tokens", "64",
+         "--max-num-seqs", "16", "--max-model-len", "1024"],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "Paris" in result["text"]
+    assert result["finish_reason"] in ("stop", "length") and result["token_ids"]
+
+
+def test_generate_cli_reports_bad_input():
+    out = subprocess.run([sys.executable, "-m", "atom_jax.generate", "--prompt", "hi",
+                          "--temperature", "-1"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and "temperature" in out.stderr
