@@ -1,0 +1,136 @@
+"""Offline throughput: single-stream decode and many-stream generation, against transformers'
+generate on the same weights in the same run.
+
+    python scripts/bench_offline.py                     # CPU, the default SmolLM2 model
+    python scripts/bench_offline.py --streams 32 --out docs/benchmarks/offline-cpu.json
+
+Prints a short table; writes every figure, the machine and the versions as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def engine_runs(args):
+    from atom_jax import LLM, SamplingParams
+    from atom_jax.engine import EngineConfig
+
+    t0 = time.perf_counter()
+    llm = LLM.from_config(EngineConfig(model=args.model, load_format=args.load_format,
+                                       max_num_seqs=max(args.streams, 1),
+                                       max_num_batched_tokens=args.max_num_batched_tokens,
+                                       max_model_len=args.max_model_len))
+    startup = time.perf_counter() - t0
+    eng = llm.engine
+    prompt = [eng.tokenizer.encode(args.prompt)] if args.load_format != "dummy" else [[7] * 32]
+    prompt = prompt[0][:args.prompt_len] if len(prompt[0]) >= args.prompt_len else (
+        prompt[0] * (args.prompt_len // len(prompt[0]) + 1))[:args.prompt_len]
+
+    def timed(n_streams, n_tokens):
+        params = SamplingParams(temperature=0, max_tokens=n_tokens, ignore_eos=True)
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2))  # warm
+        ids = [eng.add_request(list(prompt), params) for _ in range(n_streams)]
+        t = time.perf_counter()
+        first = None
+        produced = 0
+        while eng.has_unfinished():
+            deltas = eng.step()
+            produced += sum(len(d.new_token_ids) for d in deltas)
+            if first is None and deltas:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        for rid in ids:
+            eng.release(rid)
+        decode_tokens = produced - n_streams  # tokens after each stream's first
+        return {"streams": n_streams, "output_tokens": produced, "seconds": end - t,
+                "ttft_s": first - t, "output_tok_per_s": produced / (end - t),
+                "decode_tok_per_s": decode_tokens / (end - first)}
+
+    single = timed(1, args.single_tokens)
+    multi = timed(args.streams, args.multi_tokens)
+    return {"startup_s": startup, "single": single, "multi": multi, "prompt_len": len(prompt)}, prompt
+
+
+def transformers_runs(args, prompt):
+    import torch
+    import transformers
+
+    from atom_jax.loader import default_model_path
+    path = Path(args.model or default_model_path())
+    if path.suffix == ".gguf":
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model.eval()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    def timed(n_streams, n_tokens):
+        ids = torch.tensor([prompt] * n_streams)
+        with torch.no_grad():
+            model.generate(ids[:1], max_new_tokens=2, do_sample=False)
+            t = time.perf_counter()
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_tokens,
+                                 min_new_tokens=n_tokens, do_sample=False)
+            seconds = time.perf_counter() - t
+        produced = (out.shape[1] - ids.shape[1]) * n_streams
+        return {"streams": n_streams, "output_tokens": produced, "seconds": seconds,
+                "output_tok_per_s": produced / seconds}
+
+    return {"single": timed(1, args.single_tokens), "multi": timed(args.streams, args.multi_tokens)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    parser.add_argument("--prompt", default="Write a long story about a lighthouse keeper and the sea.")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--single-tokens", type=int, default=128)
+    parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--multi-tokens", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=256)
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--no-peer", action="store_true", help="skip the transformers runs")
+    parser.add_argument("--out", default="docs/benchmarks/offline-cpu.json")
+    args = parser.parse_args()
+
+    import jax
+    import transformers
+    ours, prompt = engine_runs(args)
+    peer = None if args.no_peer or args.load_format == "dummy" else transformers_runs(args, prompt)
+    import torch
+    result = {
+        "benchmark": "offline", "device": jax.devices()[0].device_kind,
+        "platform": platform.platform(), "cpus": os.cpu_count(),
+        "versions": {"jax": jax.__version__, "transformers": transformers.__version__,
+                     "torch": torch.__version__, "python": platform.python_version()},
+        "model": args.model or "SmolLM2-135M-Instruct Q4_1 GGUF (dequantized, float32)",
+        "prompt_len": ours["prompt_len"], "single_tokens": args.single_tokens,
+        "streams": args.streams, "multi_tokens": args.multi_tokens,
+        "atom_jax": ours, "transformers": peer,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+    rows = [("atom-jax", ours["single"]["decode_tok_per_s"], ours["multi"]["output_tok_per_s"])]
+    if peer:
+        rows.append(("transformers", peer["single"]["output_tok_per_s"], peer["multi"]["output_tok_per_s"]))
+    print(f"\n{'engine':<14}{'1-stream decode tok/s':>24}{f'{args.streams}-stream output tok/s':>26}")
+    for name, single, multi in rows:
+        print(f"{name:<14}{single:>24.1f}{multi:>26.1f}")
+    if peer:
+        print(f"{'ratio':<14}{rows[0][1] / rows[1][1]:>24.2f}{rows[0][2] / rows[1][2]:>26.2f}")
+    print(f"(device {result['device']}, {os.cpu_count()} CPUs; JSON: {args.out})")
+
+
+if __name__ == "__main__":
+    main()
