@@ -51,41 +51,40 @@ def log(*a):
 # Timing.
 # --------------------------------------------------------------------------------------
 
-def time_loop(step, const, varying, *, target_s=0.05, max_iters=200, repeats=5):
+def time_loop(step, const, varying, *, est_s, target_s=0.05, max_iters=200, repeats=5):
     """Median seconds per call of `step(*const, *varying[i])` inside one jitted loop.
 
     Calls cycle through the argument tuples of `varying` (small arrays, stacked), so
     consecutive calls touch different memory and nothing is loop invariant; `const` (the
-    big cache) is passed through as jit arguments, never copied.
+    big cache) is passed through as jit arguments, never copied. The trip count is static
+    (picked from the estimate est_s), so the loop runs without host round trips.
     """
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *varying)
     n_sets = len(varying)
-
-    def make(n):
-        @jax.jit
-        def loop(const, stacked):
-            def body(i, acc):
-                vary = jax.tree.map(lambda x: x[i % n_sets], stacked)
-                out = step(*const, *vary)
-                return acc + out.reshape(-1)[0].astype(jnp.float32)
-            return lax.fori_loop(0, n, body, jnp.float32(0))
-        return loop
-
-    one = make(n_sets)
-    jax.block_until_ready(one(const, stacked))  # compile + warm up
-    t0 = time.perf_counter()
-    jax.block_until_ready(one(const, stacked))
-    est = (time.perf_counter() - t0) / n_sets
-    n = int(min(max_iters, max(n_sets, math.ceil(target_s / max(est, 1e-6)))))
+    n = int(min(max_iters, max(n_sets, math.ceil(target_s / max(est_s, 1e-6)))))
     n = max(n_sets, (n // n_sets) * n_sets)
-    loop = make(n) if n != n_sets else one
-    jax.block_until_ready(loop(const, stacked))
-    times = []
-    for _ in range(repeats):
+
+    @jax.jit
+    def loop(const, stacked):
+        def body(i, acc):
+            vary = jax.tree.map(lambda x: x[i % n_sets], stacked)
+            out = step(*const, *vary)
+            return acc + out.reshape(-1)[0].astype(jnp.float32)
+        return lax.fori_loop(0, n, body, jnp.float32(0))
+
+    def run():
         t0 = time.perf_counter()
         jax.block_until_ready(loop(const, stacked))
-        times.append((time.perf_counter() - t0) / n)
+        return time.perf_counter() - t0
+
+    run()  # compile + warm up
+    times = [run() / n for _ in range(repeats)]
     return float(np.median(times)), n
+
+
+def estimate(nbytes=0.0, flops=0.0, slow=1.0):
+    """Rough seconds per call (to size timing loops)."""
+    return slow * max(nbytes / 3e12, flops / 3e14) + 15e-6
 
 
 def copy_bandwidth():
@@ -247,6 +246,11 @@ def main():
     interp = args.interpret
     results = dict(info=info)
 
+    def save():
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1, default=float)
+
     bw = {"copy_GBps": float("nan")} if interp else run_safe(copy_bandwidth)
     results["copy_bandwidth"] = bw
     copy = bw.get("copy_GBps", float("nan"))
@@ -260,11 +264,13 @@ def main():
 
     # ---- decode -----------------------------------------------------------------------
     decode = []
+    slow = 1000.0 if interp else 1.0
     for ctx in ctxs:
         for b in batches:
             ctx_lens = [ctx] * b
             nb = kv_bytes(ctx_lens)
             sets = n_sets_for(nb)
+            est = estimate(nb, slow=slow)
             rec = dict(batch=b, context=ctx, kv_bytes=nb, block_table_sets=sets,
                        num_kv_splits=rpa.auto_num_kv_splits(b, HKV, ctx,
                                                             rpa.DECODE_CONFIG.block_n))
@@ -273,13 +279,20 @@ def main():
 
             def one():
                 rel, ok = check(step, inputs)
-                t, n = time_loop(step, *inputs)
-                return dict(rel_err=rel, ok=ok, time_us=t * 1e6, iters=n,
-                            GBps=nb / t / 1e9, frac_copy=nb / t / 1e9 / copy)
+                t, n = time_loop(step, *inputs, est_s=est)
+                r = dict(rel_err=rel, ok=ok, time_us=t * 1e6, iters=n, GBps=nb / t / 1e9,
+                         frac_copy=nb / t / 1e9 / copy)
+                if b > rpa.DECODE_CONFIG.block_m // (HQ // HKV):
+                    # Decode-only promise: no prefill launch.
+                    th, _ = time_loop(kernel_step(interp, max_q_len=1), *inputs, est_s=est,
+                                      repeats=3)
+                    r.update(hint_time_us=th * 1e6, hint_GBps=nb / th / 1e9,
+                             hint_frac_copy=nb / th / 1e9 / copy)
+                return r
             rec.update(run_safe(one))
-            if nb <= args.ref_max_gb * 1e9:
-                r = run_safe(lambda: time_loop(reference_step, *inputs, target_s=0.02,
-                                               max_iters=20, repeats=3))
+            if b in (1, 64) and nb <= args.ref_max_gb * 1e9:
+                r = run_safe(lambda: time_loop(reference_step, *inputs, est_s=est * 5,
+                                               target_s=0.02, max_iters=20, repeats=3))
                 if isinstance(r, tuple):
                     rec["xla_ref_time_us"] = r[0] * 1e6
                     rec["xla_ref_GBps"] = nb / r[0] / 1e9
@@ -288,17 +301,19 @@ def main():
             log("decode", rec)
             decode.append(rec)
     results["decode"] = decode
+    save()
 
     # ---- prefill ----------------------------------------------------------------------
     t = prefill_len
     flops = causal_flops([t], [t])
     pre = dict(tokens=t, flops=flops)
     inputs = ragged_inputs(pool, [t], [t], 2)
+    est = estimate(flops=flops, slow=slow)
 
     def prefill_kernel():
         step = kernel_step(interp)
         rel, ok = check(step, inputs)
-        tm, n = time_loop(step, *inputs, repeats=5)
+        tm, n = time_loop(step, *inputs, est_s=est, repeats=5)
         return dict(rel_err=rel, ok=ok, time_ms=tm * 1e3, TFLOPs=flops / tm / 1e12)
     pre.update(run_safe(prefill_kernel))
 
@@ -313,16 +328,17 @@ def main():
                 sets.append((q, k, v))
             f = lambda q, k, v: jax.nn.dot_product_attention(
                 q, k, v, scale=SCALE, is_causal=True, implementation="cudnn")
-            tm, n = time_loop(f, (), sets, repeats=5)
+            tm, n = time_loop(f, (), sets, est_s=est, repeats=5)
             return dict(cudnn_time_ms=tm * 1e3, cudnn_TFLOPs=flops / tm / 1e12)
         pre.update(run_safe(cudnn))
 
     def prefill_ref():
-        tm, n = time_loop(reference_step, *inputs, target_s=0.0, max_iters=2, repeats=2)
+        tm, n = time_loop(reference_step, *inputs, est_s=1.0, target_s=0.0, repeats=2)
         return dict(xla_ref_time_ms=tm * 1e3, xla_ref_TFLOPs=flops / tm / 1e12)
     pre.update(run_safe(prefill_ref))
     log("prefill", pre)
     results["prefill"] = pre
+    save()
 
     # ---- mixed ------------------------------------------------------------------------
     nd, dctx, chunk, cctx = (4, 300, 100, 200) if small else (64, 4096, 2048, 4096)
@@ -333,74 +349,82 @@ def main():
     mixed = dict(decodes=nd, decode_context=dctx, chunk_tokens=chunk, chunk_context=cctx,
                  kv_bytes=nb, flops=mflops)
     inputs = ragged_inputs(pool, q_lens, ctx_lens, n_sets_for(nb))
+    est = estimate(nb, mflops, slow=slow)
 
     def mixed_kernel():
         step = kernel_step(interp)
         rel, ok = check(step, inputs)
-        tm, n = time_loop(step, *inputs)
+        tm, n = time_loop(step, *inputs, est_s=est)
         # The same two parts as separate calls, for comparison.
         dec = ragged_inputs(pool, [1] * nd, [dctx] * nd, 2)
         pf = ragged_inputs(pool, [chunk], [cctx], 2)
-        td, _ = time_loop(step, *dec)
-        tp, _ = time_loop(step, *pf)
+        td, _ = time_loop(step, *dec, est_s=est, repeats=3)
+        tp, _ = time_loop(step, *pf, est_s=est, repeats=3)
         return dict(rel_err=rel, ok=ok, time_us=tm * 1e6, GBps=nb / tm / 1e9,
+                    TFLOPs=mflops / tm / 1e12,
                     decode_only_time_us=td * 1e6, chunk_only_time_us=tp * 1e6)
     mixed.update(run_safe(mixed_kernel))
     if nb <= args.ref_max_gb * 1e9:
-        r = run_safe(lambda: time_loop(reference_step, *inputs, target_s=0.02, max_iters=10,
-                                       repeats=3))
+        r = run_safe(lambda: time_loop(reference_step, *inputs, est_s=est * 5, target_s=0.02,
+                                       max_iters=10, repeats=3))
         if isinstance(r, tuple):
             mixed["xla_ref_time_us"] = r[0] * 1e6
     log("mixed", mixed)
     results["mixed"] = mixed
 
+    save()
+
     # ---- optional config sweep --------------------------------------------------------
     if args.sweep:
-        results["sweep"] = sweep(pool, interp, copy, small)
+        print_table(results)
+        results["sweep"] = sweep(pool, interp, copy, small, slow)
+        save()
 
     # ---- report -----------------------------------------------------------------------
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1, default=float)
     log(f"\nwrote {args.out}")
     print_table(results)
 
 
-def sweep(pool, interp, copy, small):
+def sweep(pool, interp, copy, small, slow):
+    """Alternative Triton parameters on the headline problems."""
     out = []
     KC = rpa.KernelConfig
-    dec_cases = [(64, 64 if small else 4096, None), (1, 300 if small else 32768, None)]
-    dec_cfgs = [KC(16, 64, 4, 3), KC(16, 128, 4, 3), KC(16, 64, 4, 4), KC(16, 128, 4, 2),
-                KC(16, 32, 4, 4), KC(16, 128, 8, 3), KC(16, 64, 2, 4)]
-    for b, ctx, _ in dec_cases:
+    d = rpa.DECODE_CONFIG
+    cases = [
+        (8 if small else 64, 64 if small else 4096, [(KC(16, 128, 4, 3), None), (KC(16, 64, 4, 4), None),
+                                     (KC(16, 128, 4, 2), None), (KC(16, 32, 4, 4), None),
+                                     (KC(16, 64, 8, 3), None)]),
+        (1, 300 if small else 32768, [(d, 16), (d, 64), (KC(16, 128, 4, 3), None),
+                                      (KC(16, 32, 4, 4), None)]),
+    ]
+    for b, ctx, variants in cases:
         ctx_lens = [ctx] * b
         nb = kv_bytes(ctx_lens)
         inputs = ragged_inputs(pool, [1] * b, ctx_lens, n_sets_for(nb))
-        splits = [None] if b > 1 else [None, 16, 64]
-        for cfg in dec_cfgs:
-            for sp in splits:
-                rec = dict(kind="decode", batch=b, context=ctx, cfg=dataclasses.asdict(cfg),
-                           num_kv_splits=sp)
-                step = kernel_step(interp, decode_config=cfg, num_kv_splits=sp)
+        for cfg, sp in variants:
+            rec = dict(kind="decode", batch=b, context=ctx, cfg=dataclasses.asdict(cfg),
+                       num_kv_splits=sp)
+            step = kernel_step(interp, decode_config=cfg, num_kv_splits=sp, max_q_len=1)
 
-                def one():
-                    tm, _ = time_loop(step, *inputs, repeats=3)
-                    return dict(time_us=tm * 1e6, GBps=nb / tm / 1e9,
-                                frac_copy=nb / tm / 1e9 / copy)
-                rec.update(run_safe(one))
-                log("sweep", rec)
-                out.append(rec)
+            def one():
+                tm, _ = time_loop(step, *inputs, est_s=estimate(nb, slow=slow), repeats=3)
+                return dict(time_us=tm * 1e6, GBps=nb / tm / 1e9,
+                            frac_copy=nb / tm / 1e9 / copy)
+            rec.update(run_safe(one))
+            log("sweep", rec)
+            out.append(rec)
     t = 512 if small else 16384
     flops = causal_flops([t], [t])
     inputs = ragged_inputs(pool, [t], [t], 2)
-    pre_cfgs = [KC(128, 64, 8, 3), KC(128, 128, 8, 3), KC(128, 64, 4, 3), KC(64, 64, 4, 3),
-                KC(128, 32, 4, 4), KC(128, 128, 8, 2), KC(256, 64, 8, 3), KC(64, 128, 4, 3)]
+    pre_cfgs = [KC(128, 128, 8, 3), KC(128, 64, 4, 3), KC(64, 64, 4, 3),
+                KC(128, 64, 8, 4), KC(128, 128, 8, 2)]
     for cfg in pre_cfgs:
         rec = dict(kind="prefill", tokens=t, cfg=dataclasses.asdict(cfg))
         step = kernel_step(interp, prefill_config=cfg)
 
         def one():
-            tm, _ = time_loop(step, *inputs, repeats=3)
+            tm, _ = time_loop(step, *inputs, est_s=estimate(flops=flops, slow=slow),
+                              repeats=3)
             return dict(time_ms=tm * 1e3, TFLOPs=flops / tm / 1e12)
         rec.update(run_safe(one))
         log("sweep", rec)
@@ -427,13 +451,15 @@ def print_table(r):
                  f"({k} {_f(v, '.0f')})" for k, v in r["copy_bandwidth"].items()
                  if k != "copy_GBps" and k.endswith("GBps"))]
     lines.append(f"{'decode':<14}{'splits':>7}{'time us':>10}{'GB/s':>8}{'%copy':>7}"
-                 f"{'xla us':>10}{'ok':>4}")
+                 f"{'hint us':>9}{'%copy':>7}{'xla us':>9}{'ok':>4}")
     for d in r["decode"]:
         name = f"B{d['batch']} ctx{d['context']}"
         lines.append(f"{name:<14}{d.get('num_kv_splits', 0):>7}"
                      f"{_f(d.get('time_us'), '.1f'):>10}{_f(d.get('GBps'), '.0f'):>8}"
                      f"{_f(100 * d.get('frac_copy', float('nan')), '.0f'):>7}"
-                     f"{_f(d.get('xla_ref_time_us'), '.0f'):>10}"
+                     f"{_f(d.get('hint_time_us'), '.1f'):>9}"
+                     f"{_f(100 * d.get('hint_frac_copy', float('nan')), '.0f'):>7}"
+                     f"{_f(d.get('xla_ref_time_us'), '.0f'):>9}"
                      f"{'y' if d.get('ok') else 'N':>4}")
     p = r["prefill"]
     lines.append(f"prefill {p['tokens']} causal: {_f(p.get('time_ms'), '.2f')} ms "
