@@ -191,10 +191,10 @@ class AsyncLLM:
         bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad:
             raise ValueError(f"stop_token_ids: {bad[:3]} are not token ids in [0, {self.vocab_size})")
-        if params.seed is not None:
-            params.seed %= SEED_MODULUS - params.n
         if params.n > self.max_queued_requests:
             raise ValueError(f"n must be <= {self.max_queued_requests}, got {params.n}")
+        if params.seed is not None:
+            params.seed %= SEED_MODULUS - params.n
         return params
 
     async def add_request(self, prompt: str | list[int], params: SamplingParams,
@@ -244,7 +244,8 @@ class AsyncLLM:
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe, returns at once). Its blocks are freed before the
         engine's next step; a listener gets finish reason "abort" for unfinished sequences."""
-        self._submit(lambda engine: self._abort(request_id))
+        if not self._stopping:  # after shutdown nothing runs any more
+            self._submit(lambda engine: self._abort(request_id))
 
     async def call(self, fn: Callable[[Any], Any]) -> Any:
         """Run fn(engine) on the engine thread between steps and return its result."""
@@ -270,33 +271,36 @@ class AsyncLLM:
     # ------------------------------------------------------------ engine thread
 
     def _run(self) -> None:
-        engine = self.engine
         while True:
-            busy = engine.has_unfinished()
             try:
-                command = self._commands.get(block=not busy, timeout=None)
+                if not self._run_once():
+                    return
+            except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
+                logger.exception("engine loop failed; failing %d requests", len(self._streams))
+                self._fail_all(e)
+
+    def _run_once(self) -> bool:
+        """Run the queued commands, then one step if there is work; False once told to stop."""
+        engine = self.engine
+        try:
+            command = self._commands.get(block=not engine.has_unfinished())
+        except queue.Empty:
+            command = False
+        while command is not False:
+            if command is None:
+                return False
+            try:
+                command(engine)
+            except Exception:  # noqa: BLE001 - a bad command must not stop the loop
+                logger.exception("engine command failed")
+            try:
+                command = self._commands.get_nowait()
             except queue.Empty:
                 command = False
-            while command is not False:
-                if command is None:
-                    return
-                try:
-                    command(engine)
-                except Exception:  # noqa: BLE001 - a bad command must not stop the loop
-                    logger.exception("engine command failed")
-                try:
-                    command = self._commands.get_nowait()
-                except queue.Empty:
-                    command = False
-            if engine.has_unfinished():
-                try:
-                    deltas = engine.step()
-                except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
-                    logger.exception("engine step failed; failing %d requests", len(self._streams))
-                    self._fail_all(e)
-                else:
-                    self._dispatch(deltas)
-            self._publish_stats()
+        if engine.has_unfinished():
+            self._dispatch(engine.step())
+        self._publish_stats()
+        return True
 
     def _dispatch(self, deltas: list[StepDelta]) -> None:
         now = time.monotonic()

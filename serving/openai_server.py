@@ -196,12 +196,12 @@ class OpenAIServer:
                 "model": self.model_name}
 
         async def events():
-            for i in range(params.n):
-                yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant",
-                                                                       "content": ""},
-                                                 "logprobs": None, "finish_reason": None}]})
             choices: dict[int, _Choice] = {}
             async for index, d in _merge(streams, params.n):
+                if index not in choices:  # the role first, when the choice's first output is in
+                    yield _sse({**base, "choices": [{"index": index, "delta": {
+                        "role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None}]})
                 c = choices.setdefault(index, _Choice())
                 entries = _accumulate(c, d)
                 if not (d.new_text or d.finished or entries):

@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import grpc
 import httpx
 import pytest
-from serving_harness import API_KEY, shared_server
+from serving_harness import API_KEY, REPO, shared_server
 
 from serving.protos import load
 
@@ -118,6 +120,27 @@ def test_64_concurrent_streams_complete_and_metrics_agree(server):
     assert _delta(after, before, "vllm:time_to_first_token_seconds_count") == 64
     assert _delta(after, before, "vllm:inter_token_latency_seconds_count") == received - 64
     assert after["vllm:kv_cache_usage_perc"] == 0 and after["vllm:num_requests_running"] == 0
+
+
+@pytest.mark.parametrize("dataset,arrival", [("random", ["--request-rate", "20"]),
+                                             ("conversation", ["--max-concurrency", "3"])])
+def test_bench_serving_script(server, tmp_path, dataset, arrival):
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_serving.py"), "--base-url", server.url,
+         "--api-key", API_KEY, "--dataset", dataset, "--num-prompts", "6", "--input-len", "24",
+         "--output-len", "4", "--ignore-eos", "--percentiles", "50", "99", "--result-file",
+         str(out), *arrival], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["completed"] == 6 and result["failed"] == 0
+    assert result["total_output_tokens"] == sum(result["output_lens"]) > 0
+    if dataset == "random":  # fixed lengths (ignore_eos); conversations vary around 4
+        assert result["output_lens"] == [4] * 6
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        assert 0 < result[f"median_{name}_ms"] <= result[f"p99_{name}_ms"]
+    assert result["request_throughput"] > 0 and result["output_throughput"] > 0
+    assert "Serving Benchmark Result" in proc.stdout
 
 
 def test_sigterm_finishes_or_aborts_in_flight_requests_and_exits_zero(server):
