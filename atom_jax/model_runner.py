@@ -50,7 +50,7 @@ class _CompileGuard:
                 "the start-up buckets")
 
 
-def token_buckets(max_tokens: int, smallest: int = 16) -> list[int]:
+def token_buckets(max_tokens: int, smallest: int = 4) -> list[int]:
     buckets, b = [], min(smallest, max_tokens)
     while b < max_tokens:
         buckets.append(b)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# Queries of one sequence are processed in tiles of this many tokens by the reference.
+# Queries of one sequence are processed in tiles of at most this many tokens by the reference.
 _REFERENCE_Q_TILE = 8
 # ...and walk the context this many tokens at a time.
 _REFERENCE_KV_CHUNK = 128
@@ -62,7 +62,12 @@ def ragged_paged_attention_reference(
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
-    q_tile = min(_REFERENCE_Q_TILE, num_tokens)
+    # Tiles as tall as the average query length allows: 1 for decode batches, where taller
+    # tiles would be mostly padding, up to _REFERENCE_Q_TILE for prefill chunks.
+    num_seqs = query_start_loc.shape[0] - 1
+    q_tile = 1
+    while q_tile * 2 <= min(_REFERENCE_Q_TILE, num_tokens // max(num_seqs, 1)):
+        q_tile *= 2
     seq, local, tile_len, q_lens = _query_tiles(query_start_loc, num_tokens, q_tile)
     n = seq.shape[0]
 

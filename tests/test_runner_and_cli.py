@@ -12,9 +12,9 @@ from atom_jax.scheduler import ScheduledBatch
 
 
 def test_token_buckets():
-    assert token_buckets(256) == [16, 32, 64, 128, 256]
-    assert token_buckets(100) == [16, 32, 64, 100]
-    assert token_buckets(8) == [8]
+    assert token_buckets(256) == [4, 8, 16, 32, 64, 128, 256]
+    assert token_buckets(100) == [4, 8, 16, 32, 64, 100]
+    assert token_buckets(2) == [2]
 
 
 def test_no_compilation_while_serving_and_the_guard_catches_one(llm):
