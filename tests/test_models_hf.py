@@ -64,3 +64,20 @@ def test_logits_match_transformers(arch, tmp_path):
         rel = np.abs(ours - ref).max() / np.abs(ref).max()
         assert rel < 1e-4, f"{arch} prompt {i}: relative error {rel:.2e}"
         assert np.abs(ref).max() > 1.0  # the check is not vacuous
+
+
+def test_dummy_weights_follow_the_config(tmp_path):
+    from atom_jax import LLM, SamplingParams
+    from atom_jax.loader import load_model
+
+    make_tiny_model("Qwen2ForCausalLM", tmp_path)
+    cfg, params, kind, _ = load_model(str(tmp_path / "config.json"), jnp.float32, "dummy")
+    assert kind == "dummy" and cfg.attention_bias
+    shapes = jax.tree.map(lambda a: a.shape, params)
+    expected = get_model_module(cfg).param_shapes(cfg)
+    assert jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)) == \
+        jax.tree.leaves(expected, is_leaf=lambda x: isinstance(x, tuple))
+    llm = LLM(str(tmp_path), load_format="dummy", max_num_batched_tokens=16, max_model_len=64,
+              compile_at_startup=False)
+    out = llm.generate("hello", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 3
