@@ -77,18 +77,20 @@ class KernelConfig:
     num_stages: int
 
 
-# Decode-like tiles: few rows, memory bound; the wide inner step keeps many bytes in flight.
-DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, num_warps=4, num_stages=3)
+# Decode-like tiles: few rows, memory bound; the wide inner step keeps many bytes in flight
+# (two 64 KB K+V steps in flight per program at head_dim 128 bf16; one program per SM).
+DECODE_CONFIG = KernelConfig(block_m=16, block_n=128, num_warps=4, num_stages=3)
 # Prefill tiles: matrix-unit bound.
-PREFILL_CONFIG = KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+PREFILL_CONFIG = KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
 # Float32 operands (or head_dim > 128) need half the shared memory per stage.
 DECODE_CONFIG_WIDE = KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)
 PREFILL_CONFIG_WIDE = KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
-# Split-KV heuristic for decode tiles: aim for this many programs per multiprocessor ...
-SPLIT_PROGRAMS_PER_SM = 2
+# Split-KV heuristic for decode tiles: at most this many programs per multiprocessor (so
+# the split programs run in one wave; DECODE_CONFIG's shared memory allows one) ...
+SPLIT_PROGRAMS_PER_SM = 1
 # ... with at most this many splits, each covering at least this many inner steps.
 MAX_KV_SPLITS = 32
-MIN_STEPS_PER_SPLIT = 4
+MIN_STEPS_PER_SPLIT = 2
 # The split-combine launch (tiny: one program per sequence and KV head).
 COMBINE_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
 # Multiprocessor count used when the device does not report one (interpret mode on CPU).
@@ -127,7 +129,7 @@ def auto_num_kv_splits(num_seqs: int, num_kv_heads: int, max_context: int,
     """Splits of the context for decode tiles so that small batches still fill the GPU."""
     num_sms = _num_sms() if num_sms is None else num_sms
     programs = num_seqs * num_kv_heads
-    want = -(-SPLIT_PROGRAMS_PER_SM * num_sms // programs)
+    want = SPLIT_PROGRAMS_PER_SM * num_sms // programs
     useful = max(1, (-(-max_context // block_n)) // MIN_STEPS_PER_SPLIT)
     return int(max(1, min(want, useful, MAX_KV_SPLITS)))
 
@@ -418,7 +420,7 @@ def _prefill_tiles(query_start_loc, kv_lens, min_q, q_tile, num_tiles):
     per_seq = (big_lens + q_tile - 1) // q_tile
     tile_end = jnp.cumsum(per_seq)
     ids = jnp.arange(num_tiles, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(tile_end, ids, side="right"), num_seqs - 1)
+    seq = jnp.minimum(jnp.searchsorted(tile_end, ids, side="right", method="compare_all"), num_seqs - 1)
     local = ids - (tile_end[seq] - per_seq[seq])
     valid = ids < tile_end[-1]
     ntok = jnp.where(valid, jnp.clip(big_lens[seq] - local * q_tile, 0, q_tile), 0)

@@ -391,11 +391,10 @@ def sweep(pool, interp, copy, small, slow):
     KC = rpa.KernelConfig
     d = rpa.DECODE_CONFIG
     cases = [
-        (8 if small else 64, 64 if small else 4096, [(KC(16, 128, 4, 3), None), (KC(16, 64, 4, 4), None),
-                                     (KC(16, 128, 4, 2), None), (KC(16, 32, 4, 4), None),
-                                     (KC(16, 64, 8, 3), None)]),
-        (1, 300 if small else 32768, [(d, 16), (d, 64), (KC(16, 128, 4, 3), None),
-                                      (KC(16, 32, 4, 4), None)]),
+        (8 if small else 64, 64 if small else 4096, [(KC(16, 64, 4, 3), None),
+                                                     (KC(16, 128, 4, 2), None)]),
+        (1, 300 if small else 32768, [(d, 8), (d, 32), (KC(16, 64, 4, 3), 32),
+                                      (KC(16, 64, 4, 3), 16)]),
     ]
     for b, ctx, variants in cases:
         ctx_lens = [ctx] * b
@@ -416,8 +415,7 @@ def sweep(pool, interp, copy, small, slow):
     t = 512 if small else 16384
     flops = causal_flops([t], [t])
     inputs = ragged_inputs(pool, [t], [t], 2)
-    pre_cfgs = [KC(128, 128, 8, 3), KC(128, 64, 4, 3), KC(64, 64, 4, 3),
-                KC(128, 64, 8, 4), KC(128, 128, 8, 2)]
+    pre_cfgs = [KC(128, 64, 8, 3), KC(256, 64, 8, 2), KC(64, 128, 4, 3), KC(128, 128, 8, 2)]
     for cfg in pre_cfgs:
         rec = dict(kind="prefill", tokens=t, cfg=dataclasses.asdict(cfg))
         step = kernel_step(interp, prefill_config=cfg)
