@@ -114,7 +114,8 @@ class AsyncLLM:
     def __init__(self, engine, max_queued_requests: int = 256,
                  observer: StatObserver | None = None):
         self.engine = engine
-        self.tokenizer = copy.deepcopy(engine.tokenizer)  # used on the event loop only
+        # used on the event loop only; None for a model without one (token-id prompts only)
+        self.tokenizer = copy.deepcopy(engine.tokenizer)
         self.max_model_len: int = engine.max_model_len
         self.vocab_size: int = engine.model_config.vocab_size
         self.max_queued_requests = max_queued_requests
@@ -164,9 +165,27 @@ class AsyncLLM:
 
     # ------------------------------------------------------------ requests
 
+    @property
+    def text_tokenizer(self):
+        """The tokenizer; ValueError when the model has none."""
+        if self.tokenizer is None:
+            raise ValueError("prompt: this model has no tokenizer; send token ids")
+        return self.tokenizer
+
     def tokenize(self, prompt: str) -> list[int]:
         """Token ids of a text prompt, exactly as the engine tokenizes one."""
-        return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return self.text_tokenizer.encode(prompt, add_special_tokens=True)
+
+    def decode(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return "".join(map(self.token_text, token_ids))
+        return self.tokenizer.decode(token_ids)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text ("token_id:N" without a tokenizer)."""
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id])
 
     def check_prompt(self, prompt: str | list[int]) -> list[int]:
         """Validate and tokenize a prompt (ValueError naming the parameter if it is bad)."""

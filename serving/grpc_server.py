@@ -132,7 +132,7 @@ class GenerationServicer:
     @_rpc
     async def Tokenize(self, request, context):
         self._check_model(request.model_id)
-        tok = self.llm.tokenizer
+        tok = self.llm.text_tokenizer
         out = pb2.BatchedTokenizeResponse()
         for r in request.requests:
             enc = tok(r.text, add_special_tokens=True, return_offsets_mapping=request.return_offsets)

@@ -62,12 +62,12 @@ class OpenAIServer:
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one server per process
     def token_str(self, token_id: int) -> str:
-        return self.llm.tokenizer.decode([token_id])
+        return self.llm.token_text(token_id)
 
     def chat_prompt(self, conversation, add_generation_prompt=True, continue_final_message=False,
                     kwargs=None) -> list[int]:
         try:
-            out = self.llm.tokenizer.apply_chat_template(
+            out = self.llm.text_tokenizer.apply_chat_template(
                 conversation, add_generation_prompt=add_generation_prompt and not continue_final_message,
                 continue_final_message=continue_final_message, tokenize=True, **(kwargs or {}))
         except ValueError:
@@ -133,7 +133,7 @@ class OpenAIServer:
         params = self.llm.check_params(body.sampling_params(body.max_tokens, body.logprobs))
         prompts = body.prompts()
         ids = [self.llm.check_prompt(p) for p in prompts]
-        echoes = [(p if isinstance(p, str) else self.llm.tokenizer.decode(i)) if body.echo else ""
+        echoes = [(p if isinstance(p, str) else self.llm.decode(i)) if body.echo else ""
                   for p, i in zip(prompts, ids)]
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = await self.start_requests(ids, params, body.max_tokens, rid)
@@ -253,18 +253,18 @@ class OpenAIServer:
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("prompt: give exactly one of prompt and messages")
         if body.prompt is not None:
-            ids = self.llm.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = self.llm.text_tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         else:
             ids = self.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages],
                                    body.add_generation_prompt)
-        strs = self.llm.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        strs = self.llm.text_tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": self.llm.max_model_len, "tokens": ids,
                 "token_strs": strs}
 
     def detokenize(self, body: DetokenizeRequest) -> dict:
         self.check_model(body.model)
         self.llm.check_prompt(body.tokens or [0])  # range check
-        return {"prompt": self.llm.tokenizer.decode(body.tokens)}
+        return {"prompt": self.llm.text_tokenizer.decode(body.tokens)}
 
 
 # ------------------------------------------------------------------ module helpers
@@ -333,13 +333,17 @@ async def _until_disconnect(request: Request, coro):
     watcher = asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
-        raise APIError(499, "The client closed the connection.", code="client_closed")
-    return task.result()
+    if task.done():
+        return task.result()
+    task.cancel()  # the client is gone: its requests are aborted as the task unwinds
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise APIError(499, "The client closed the connection.", code="client_closed")
 
 
 class _SSEResponse(StreamingResponse):

@@ -193,6 +193,8 @@ def test_sigterm_finishes_or_aborts_in_flight_requests_and_exits_zero(server):
     for t in threads:
         t.join(60)
     assert server.proc.wait(60) == 0, server.log_tail()
+    log = server.log_tail(10**7)
+    assert "Traceback" not in log, log  # nothing the tests sent made the server fail
     assert results["short"] == ("length", "[DONE]")
     assert results["long"] == ("abort", "[DONE]")
     assert results["grpc"] == pb2.CANCELLED
