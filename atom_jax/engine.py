@@ -49,9 +49,9 @@ class EngineCore:
 
         model_config, params, kind, path = load_model(config.model, dtype, config.load_format)
         self.model_config = model_config
-        self.tokenizer = load_tokenizer("hf" if kind == "dummy" else kind, path)
+        self.tokenizer = load_tokenizer(kind, path)
         eos = set(model_config.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
 
@@ -99,6 +99,8 @@ class EngineCore:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
+            if self.tokenizer is None:
+                raise ValueError("prompt: this model has no tokenizer; pass token ids")
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         ids = list(prompt)
         if not ids:

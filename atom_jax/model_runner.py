@@ -141,28 +141,28 @@ class ModelRunner:
 
     # ------------------------------------------------------------ execution
 
-    def run(self, inputs, sp, history):
+    def run(self, inputs, sp, history, with_logprobs: bool = False):
         from atom_jax.sampler import sample_jit
         self.kv_cache, logits = _forward_jit(self.module, self.model_config, self.attn_impl,
                                              self.params, self.kv_cache, inputs)
-        return sample_jit(logits, sp, history)
+        return sample_jit(logits, sp, history, with_logprobs=with_logprobs)
 
     def execute(self, batch: ScheduledBatch):
         """-> (tokens, token logprobs, top ids, top logprobs) as numpy, one row per sequence."""
         inputs = self.prepare(batch)
         sp, history = self.prepare_sampling(batch, len(inputs["seq_lens"]))
+        with_logprobs = any(seq.params.logprobs is not None for seq in batch.seqs)
         if self.guard is None:
-            out = self.run(inputs, sp, history)
+            out = self.run(inputs, sp, history, with_logprobs)
         else:
             with self.guard:
-                out = self.run(inputs, sp, history)
-        tokens = np.asarray(out[0])[:len(batch)]
-        if not any(seq.params.logprobs is not None for seq in batch.seqs):
-            return tokens, None, None, None
-        return (tokens, *(np.asarray(x)[:len(batch)] for x in out[1:]))
+                out = self.run(inputs, sp, history, with_logprobs)
+        out = [np.asarray(x)[:len(batch)] for x in out]
+        return tuple(out) if with_logprobs else (out[0], None, None, None)
 
     def warmup(self) -> None:
-        """Compile every bucket (model, then sampler with and without penalties); arm the guard."""
+        """Compile every bucket (the model, then the sampler with and without penalties and
+        logprobs); arm the guard."""
         from atom_jax.sampler import sample_jit
         empty = ScheduledBatch([], [])
         for t in tqdm(self.buckets, desc="Compiling shape buckets", unit="bucket"):
@@ -171,11 +171,15 @@ class ModelRunner:
             sp, _ = self.prepare_sampling(empty, s_pad)
             self.kv_cache, logits = _forward_jit(self.module, self.model_config, self.attn_impl,
                                                  self.params, self.kv_cache, inputs)
-            sample_jit(logits, sp, None)[0].block_until_ready()
-            sp.update(prompt_lens=np.zeros(s_pad, np.int32), repetition=np.ones(s_pad, np.float32),
-                      presence=np.zeros(s_pad, np.float32), frequency=np.zeros(s_pad, np.float32))
+            penalties = dict(sp, prompt_lens=np.zeros(s_pad, np.int32),
+                             repetition=np.ones(s_pad, np.float32),
+                             presence=np.zeros(s_pad, np.float32),
+                             frequency=np.zeros(s_pad, np.float32))
             history = np.full((s_pad, self.max_model_len), -1, np.int32)
-            sample_jit(logits, sp, history)[0].block_until_ready()
+            for with_logprobs in (False, True):
+                sample_jit(logits, sp, None, with_logprobs=with_logprobs)[0].block_until_ready()
+                sample_jit(logits, penalties, history,
+                           with_logprobs=with_logprobs)[0].block_until_ready()
         self.guard = _CompileGuard()
 
     def _padded_inputs(self, t_pad: int):

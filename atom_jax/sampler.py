@@ -48,10 +48,11 @@ def _filtered_sample(logits, temperature, top_k, top_p, min_p, keys):
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
 
 
-def sample(logits, sp: dict, history=None):
+def sample(logits, sp: dict, history=None, with_logprobs: bool = True):
     """logits [S, V] float32; sp: per-row arrays temperature, top_k, top_p, min_p, seed, step, banned [S, B],
     and (with history) repetition, presence, frequency, prompt_lens.
-    Returns tokens [S], their logprobs [S], top ids [S, K], top logprobs [S, K]."""
+    Returns tokens [S], their logprobs [S], top ids [S, K], top logprobs [S, K]; without
+    with_logprobs only the tokens (the full-vocabulary top-k is skipped)."""
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     # Tokens a request may not produce yet (eos and stop ids below min_tokens); -1 pads.
     s, v = logits.shape
@@ -70,9 +71,11 @@ def sample(logits, sp: dict, history=None):
         lambda: _filtered_sample(logits, sp["temperature"], sp["top_k"], sp["top_p"],
                                  sp["min_p"], keys).astype(jnp.int32))
     tokens = jnp.where(sp["temperature"] == 0, greedy, sampled)
+    if not with_logprobs:
+        return (tokens,)
     token_logprobs = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top_lp, top_ids = jax.lax.top_k(logprobs, MAX_TOP_LOGPROBS)
     return tokens, token_logprobs, top_ids.astype(jnp.int32), top_lp
 
 
-sample_jit = jax.jit(sample)
+sample_jit = jax.jit(sample, static_argnames=("with_logprobs",))

@@ -7,6 +7,12 @@ from transformers import AutoTokenizer
 
 
 def load_tokenizer(kind: str, path: Path):
+    """kind: gguf | hf | dummy. Dummy weights may come without tokenizer files: then None,
+    and the engine takes token ids only (text outputs stay empty)."""
+    if kind == "dummy":
+        has_files = any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model",
+                                                       "tokenizer_config.json"))
+        return load_tokenizer("hf", path) if has_files else None
     if kind == "gguf":
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     try:
@@ -29,6 +35,8 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
 
     def _decode(self, ids) -> str:
+        if self.tokenizer is None:
+            return ""
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_id: int, final: bool = False) -> str:

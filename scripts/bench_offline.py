@@ -1,8 +1,10 @@
-"""Offline throughput: single-stream decode and many-stream generation, against transformers'
-generate on the same weights in the same run.
+"""Offline throughput.
 
-    python scripts/bench_offline.py                     # CPU, the default SmolLM2 model
-    python scripts/bench_offline.py --streams 32 --out docs/benchmarks/offline-cpu.json
+    python scripts/bench_offline.py        # CPU, default SmolLM2: single-stream decode and
+                                           # 32-stream throughput vs transformers' generate
+    python scripts/bench_offline.py --workload nanovllm --model scripts/configs/llama-3.1-8b.json \
+        --load-format dummy                # 256 requests, input/output lengths uniform 100..1024
+    python scripts/bench_offline.py --workload 1k1k ...   # 1,024 requests of 1,000 in / 1,000 out
 
 Prints a short table; writes every figure, the machine and the versions as JSON.
 """
@@ -25,7 +27,7 @@ def engine_runs(args):
 
     t0 = time.perf_counter()
     llm = LLM.from_config(EngineConfig(model=args.model, load_format=args.load_format,
-                                       max_num_seqs=max(args.streams, 1),
+                                       max_num_seqs=args.streams,
                                        max_num_batched_tokens=args.max_num_batched_tokens,
                                        max_model_len=args.max_model_len))
     startup = time.perf_counter() - t0
@@ -88,6 +90,59 @@ def transformers_runs(args, prompt):
     return {"single": timed(1, args.single_tokens), "multi": timed(args.streams, args.multi_tokens)}
 
 
+WORKLOADS = {  # name -> (requests, input length range, output length range)
+    "nanovllm": (256, (100, 1024), (100, 1024)),
+    "1k1k": (1024, (1000, 1000), (1000, 1000)),
+}
+
+
+def throughput_run(args) -> dict:
+    """One of WORKLOADS with random token ids and ignore_eos, as nano-vllm's bench.py does."""
+    import random
+
+    from atom_jax import LLM, SamplingParams
+    from atom_jax.engine import EngineConfig
+    from scripts.bench_common import device_name, versions, write_json
+
+    n, (in_lo, in_hi), (out_lo, out_hi) = WORKLOADS[args.workload]
+    t0 = time.perf_counter()
+    llm = LLM.from_config(EngineConfig(model=args.model, load_format=args.load_format,
+                                       max_num_seqs=args.max_num_seqs,
+                                       max_num_batched_tokens=args.max_num_batched_tokens,
+                                       max_model_len=args.max_model_len))
+    startup = time.perf_counter() - t0
+    rng = random.Random(0)
+    vocab = min(llm.engine.model_config.vocab_size, 10000)
+    prompts = [[rng.randint(0, vocab - 1) for _ in range(rng.randint(in_lo, in_hi))] for _ in range(n)]
+    params = [SamplingParams(temperature=0.6, max_tokens=rng.randint(out_lo, out_hi), ignore_eos=True)
+              for _ in range(n)]
+    llm.generate([[1] * 16], SamplingParams(max_tokens=4))  # warm the step path
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params)  # the compile guard fails the run on any compilation
+    seconds = time.perf_counter() - t
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    in_tokens = sum(len(p) for p in prompts)
+    result = {
+        "benchmark": f"offline-{args.workload}", "device": device_name(), "versions": versions(),
+        "model": args.model, "load_format": args.load_format, "requests": n,
+        "input_tokens": in_tokens, "output_tokens": out_tokens, "seconds": seconds,
+        "output_tok_per_s": out_tokens / seconds, "total_tok_per_s": (in_tokens + out_tokens) / seconds,
+        "engine_start_s": startup, "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "preemptions": llm.engine.scheduler.num_preemptions,
+        "compiles_after_startup": 0,  # the armed guard would have raised otherwise
+    }
+    name = Path(args.model).stem
+    write_json(args.out if args.out != DEFAULT_OUT else f"docs/benchmarks/offline-{args.workload}-{name}.json", result)
+    print(f"\n{args.workload} on {result['device']}: {n} requests, {out_tokens} output tokens in "
+          f"{seconds:.1f} s -> {result['output_tok_per_s']:.0f} output tok/s, "
+          f"{result['total_tok_per_s']:.0f} total tok/s")
+    return result
+
+
+DEFAULT_OUT = "docs/benchmarks/offline-cpu.json"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
@@ -97,11 +152,20 @@ def main():
     parser.add_argument("--single-tokens", type=int, default=128)
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--multi-tokens", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=256)
-    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="default: 256 for streams, 8192 for the throughput workloads")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="default: 512 for streams, 2048 for the throughput workloads")
     parser.add_argument("--no-peer", action="store_true", help="skip the transformers runs")
-    parser.add_argument("--out", default="docs/benchmarks/offline-cpu.json")
+    parser.add_argument("--workload", default="streams", choices=["streams", *WORKLOADS])
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()
+    streams = args.workload == "streams"
+    args.max_num_batched_tokens = args.max_num_batched_tokens or (256 if streams else 8192)
+    args.max_model_len = args.max_model_len or (512 if streams else 2048)
+    if not streams:
+        return throughput_run(args)
 
     import jax
     import transformers

@@ -1,0 +1,153 @@
+"""Latency on one GPU: batch-1 decode, long-prompt TTFT, and start-up to first token.
+
+    python scripts/bench_latency.py --model scripts/configs/llama-3.1-8b.json --load-format dummy
+
+Batch-1 decode: a 128-token prompt, 256 output tokens; tokens/s and the fraction of the
+device copy bandwidth (measured in the same run) that the weight and KV reads reach.
+Prefill: TTFT of one 8k-token prompt and its effective TFLOP/s (2 * params * tokens plus
+causal attention). Start-up: `--startup` runs fresh processes, cold (empty compilation cache)
+and warm, and times process start to first token.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+T_PROCESS_START = time.time()
+
+from scripts.bench_common import copy_bandwidth_gbs, device_name, versions, write_json  # noqa: E402
+
+
+def param_bytes(params) -> tuple[int, int]:
+    import jax
+    total = sum(x.nbytes for x in jax.tree.leaves(params))
+    return total, params["embed"].nbytes
+
+
+def first_token(args) -> None:
+    """Child process of --startup: build the engine, generate one token, print the time."""
+    from atom_jax import LLM, SamplingParams
+    from atom_jax.config import EngineConfig
+    llm = LLM.from_config(EngineConfig(model=args.model, load_format=args.load_format,
+                                       max_model_len=args.max_model_len,
+                                       max_num_batched_tokens=args.max_num_batched_tokens,
+                                       max_num_seqs=args.max_num_seqs))
+    llm.generate([[11] * 16], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    print(f"FIRST_TOKEN_S {time.time() - T_PROCESS_START:.2f}", flush=True)
+
+
+def startup(args) -> dict:
+    cache = tempfile.mkdtemp(prefix="atom-jax-cache-")
+    env = dict(os.environ, ATOM_JAX_CACHE_DIR=cache, JAX_COMPILATION_CACHE_DIR=cache)
+    cmd = [sys.executable, __file__, "--first-token", "--model", args.model,
+           "--load-format", args.load_format, "--max-model-len", str(args.max_model_len),
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+           "--max-num-seqs", str(args.max_num_seqs)]
+    out = {}
+    for label in ("cold", "warm"):
+        t = time.time()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("FIRST_TOKEN_S")]
+        out[label + "_s"] = float(line[0].split()[1]) if line else None
+        out[label + "_wall_s"] = time.time() - t
+        if proc.returncode:
+            out[label + "_error"] = proc.stderr[-2000:]
+    shutil.rmtree(cache, ignore_errors=True)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--max-model-len", type=int, default=8448)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--prefill-len", type=int, default=8192)
+    p.add_argument("--startup", action="store_true", help="also time cold and warm start-up")
+    p.add_argument("--first-token", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if args.first_token:
+        return first_token(args)
+
+    import jax
+
+    from atom_jax import LLM, SamplingParams
+    from atom_jax.config import EngineConfig
+    ceiling = copy_bandwidth_gbs()
+    t = time.perf_counter()
+    llm = LLM.from_config(EngineConfig(model=args.model, load_format=args.load_format,
+                                       max_model_len=args.max_model_len,
+                                       max_num_batched_tokens=args.max_num_batched_tokens,
+                                       max_num_seqs=args.max_num_seqs))
+    engine_start = time.perf_counter() - t
+    eng = llm.engine
+    cfg = eng.model_config
+    total_bytes, embed_bytes = param_bytes(eng.runner.params)
+
+    # batch-1 decode
+    greedy = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate([[7] * args.prompt_len], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    eng.add_request([7] * args.prompt_len, greedy, "decode")
+    times = []
+    while eng.has_unfinished():
+        eng.step()
+        times.append(time.perf_counter())
+    eng.release("decode")
+    steps = len(times) - 1
+    decode_s = times[-1] - times[0]
+    tok_s = steps / decode_s
+    kv_bytes_per_token = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+                          * eng.runner.kv_cache[0][0].dtype.itemsize)
+    mean_ctx = args.prompt_len + args.output_len / 2
+    # Untied embeddings are gathered (one row), not streamed; tied ones are read as lm_head.
+    streamed = total_bytes - (0 if cfg.tie_word_embeddings else embed_bytes)
+    bytes_per_step = streamed + kv_bytes_per_token * mean_ctx
+    achieved = bytes_per_step * tok_s / 1e9
+
+    # prefill TTFT
+    prompt = [9] * args.prefill_len
+    llm.generate([prompt[:1024]], SamplingParams(temperature=0, max_tokens=1))
+    t = time.perf_counter()
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
+    ttft = time.perf_counter() - t
+    n_params = streamed / jax.numpy.dtype(eng.dtype).itemsize
+    attn_flops = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * args.prefill_len ** 2 / 2
+    tflops = (2 * n_params * args.prefill_len + attn_flops) / ttft / 1e12
+
+    result = {
+        "benchmark": "latency", "device": device_name(), "versions": versions(),
+        "model": args.model, "load_format": args.load_format, "dtype": jax.numpy.dtype(eng.dtype).name,
+        "copy_bandwidth_gbs": ceiling, "engine_start_s": engine_start,
+        "decode": {"prompt_len": args.prompt_len, "output_len": args.output_len,
+                   "tokens_per_s": tok_s, "ms_per_token": 1000 / tok_s,
+                   "bytes_per_step": bytes_per_step, "achieved_gbs": achieved,
+                   "fraction_of_copy_bandwidth": achieved / ceiling},
+        "prefill": {"tokens": args.prefill_len, "ttft_s": ttft, "effective_tflops": tflops},
+        "buckets": eng.runner.buckets,
+    }
+    if args.startup:
+        result["startup"] = startup(args)
+    name = Path(args.model).stem
+    write_json(args.out or f"docs/benchmarks/latency-{name}.json", result)
+    print(f"\n{name} on {result['device']} (copy bandwidth {ceiling:.0f} GB/s)")
+    print(f"  batch-1 decode : {tok_s:8.1f} tok/s  ({achieved:.0f} GB/s, "
+          f"{100 * achieved / ceiling:.0f}% of copy)")
+    print(f"  prefill {args.prefill_len:5d}  : TTFT {ttft * 1000:8.1f} ms  ({tflops:.0f} TFLOP/s)")
+    if args.startup:
+        s = result["startup"]
+        print(f"  start-up       : cold {s['cold_s']} s, warm {s['warm_s']} s to first token")
+
+
+if __name__ == "__main__":
+    main()
