@@ -105,6 +105,7 @@ def throughput_run(args) -> dict:
     from scripts.bench_common import device_name, versions, write_json
 
     n, (in_lo, in_hi), (out_lo, out_hi) = WORKLOADS[args.workload]
+    n = args.requests or n
     t0 = time.perf_counter()
     llm = LLM.from_config(EngineConfig(model=args.model, load_format=args.load_format,
                                        max_num_seqs=args.max_num_seqs,
@@ -159,6 +160,7 @@ def main():
     parser.add_argument("--no-peer", action="store_true", help="skip the transformers runs")
     parser.add_argument("--workload", default="streams", choices=["streams", *WORKLOADS])
     parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--requests", type=int, default=None, help="override the workload's count")
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()
     streams = args.workload == "streams"
