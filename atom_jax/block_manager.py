@@ -52,14 +52,16 @@ class BlockManager:
         self.prefix_hits += len(blocks) * bs
         return blocks
 
-    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int, num_cached_blocks: int = 0) -> int:
+        """Fresh blocks for num_new_tokens more, once num_cached_blocks cached ones are added."""
         total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
-        return max(0, total - len(seq.block_table))
+        return max(0, total - len(seq.block_table) - num_cached_blocks)
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] = ()) -> bool:
         # Cached blocks sitting in the free queue stop being free once we take them.
         reclaimed = sum(1 for b in cached if self.ref_counts[b] == 0)
-        return self.blocks_needed(seq, num_new_tokens) <= self.num_free_blocks - reclaimed
+        needed = self.blocks_needed(seq, num_new_tokens, len(cached))
+        return needed <= self.num_free_blocks - reclaimed
 
     def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] = ()) -> None:
         """Give seq the cached prefix blocks (if any) and enough fresh blocks for its new tokens."""

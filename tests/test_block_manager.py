@@ -80,3 +80,19 @@ def test_scheduler_preempts_when_blocks_run_out_and_mixes_prefill_with_decode():
         sched.update(batch, [5] * len(batch))
     assert sched.num_preemptions >= 1
     assert bm.num_free_blocks + sum(len(s.block_table) for s in sched.running) == 6
+
+
+def test_a_cached_prefix_is_not_counted_twice_when_the_pool_is_nearly_full():
+    # The whole pool holds one sequence's freed, still-cached prefix: readmitting it must
+    # fit (cached blocks are reused, only the tail needs fresh ones).
+    bm = BlockManager(num_blocks=4, block_size=4)
+    a = seq(list(range(15)), "a")  # 4 blocks, 3 of them full and cached
+    run_prefill(bm, a)
+    bm.free(a)
+    again = seq(list(range(15)), "again")
+    cached = bm.find_cached_prefix(again)
+    assert len(cached) == 3
+    again.num_computed_tokens = 12
+    assert bm.can_allocate(again, 3, cached)
+    bm.allocate(again, 3, cached)
+    assert len(again.block_table) == 4 and bm.num_free_blocks == 0
