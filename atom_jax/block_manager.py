@@ -63,6 +63,15 @@ class BlockManager:
         needed = self.blocks_needed(seq, num_new_tokens, len(cached))
         return needed <= self.num_free_blocks - reclaimed
 
+    def try_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Fresh blocks for a running sequence's next tokens, if the pool has them."""
+        needed = self.blocks_needed(seq, num_new_tokens)
+        if needed > len(self.free_queue):
+            return False
+        if needed:
+            self.allocate(seq, num_new_tokens)
+        return True
+
     def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] = ()) -> None:
         """Give seq the cached prefix blocks (if any) and enough fresh blocks for its new tokens."""
         for b in cached:

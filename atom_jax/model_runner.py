@@ -6,6 +6,7 @@ error, since one would stall every request for seconds.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 
 import jax
@@ -88,55 +89,61 @@ class ModelRunner:
         return t, min(t, self.max_num_seqs)
 
     def prepare(self, batch: ScheduledBatch):
-        t_pad, _ = self._bucket(batch.num_tokens)
-        inputs = self._padded_inputs(t_pad)
-        input_ids, positions, slots = inputs["input_ids"], inputs["positions"], inputs["slot_mapping"]
-        qsl, seq_lens, tables = inputs["query_start_loc"], inputs["seq_lens"], inputs["block_tables"]
+        """The ragged batch as numpy arrays, vectorized over sequences (this runs every step)."""
+        num_seqs, num_tokens = len(batch), batch.num_tokens
+        inputs = self._padded_inputs(self._bucket(num_tokens)[0])
+        qsl, tables = inputs["query_start_loc"], inputs["block_tables"]
+        counts = np.asarray(batch.num_new_tokens, np.int32)
+        starts = np.fromiter((s.num_computed_tokens for s in batch.seqs), np.int32, num_seqs)
+        qsl[1:num_seqs + 1] = np.cumsum(counts)
+        qsl[num_seqs + 1:] = num_tokens
+        inputs["seq_lens"][:num_seqs] = starts + counts
+        for i, seq in enumerate(batch.seqs):
+            tables[i, :len(seq.block_table)] = seq.block_table
+        inputs["input_ids"][:num_tokens] = np.fromiter(itertools.chain.from_iterable(
+            seq.token_ids[st:st + n] for seq, st, n in zip(batch.seqs, starts.tolist(),
+                                                          batch.num_new_tokens)),
+            np.int32, num_tokens)
+        row = np.repeat(np.arange(num_seqs), counts)
+        pos = np.arange(num_tokens, dtype=np.int32) - qsl[row] + starts[row]
+        inputs["positions"][:num_tokens] = pos
         bs = self.block_size
-        t = 0
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            start = seq.num_computed_tokens
-            pos = np.arange(start, start + n, dtype=np.int32)
-            table = np.asarray(seq.block_table, np.int32)
-            input_ids[t:t + n] = seq.token_ids[start:start + n]
-            positions[t:t + n] = pos
-            slots[t:t + n] = table[pos // bs] * bs + pos % bs
-            tables[i, :len(table)] = table
-            seq_lens[i] = start + n
-            t += n
-            qsl[i + 1] = t
-        qsl[len(batch) + 1:] = t
+        inputs["slot_mapping"][:num_tokens] = tables[row, pos // bs] * bs + pos % bs
         inputs["logits_indices"] = np.maximum(qsl[1:] - 1, 0)
         return inputs
 
     def prepare_sampling(self, batch: ScheduledBatch, s_pad: int):
-        n = len(batch)
-        sp = dict(temperature=np.zeros(s_pad, np.float32), top_k=np.zeros(s_pad, np.int32),
-                  top_p=np.ones(s_pad, np.float32), min_p=np.zeros(s_pad, np.float32),
-                  seed=np.zeros(s_pad, np.uint32), step=np.zeros(s_pad, np.int32),
+        """Per-row sampling arrays (padded rows are greedy), plus the token history when any
+        request uses penalties."""
+        seqs, n = batch.seqs, len(batch)
+
+        def column(values, dtype, pad):
+            out = np.full(s_pad, pad, dtype)
+            out[:n] = np.fromiter(values, dtype, n)
+            return out
+
+        params = [seq.params for seq in seqs]
+        sp = dict(temperature=column((p.temperature for p in params), np.float32, 0),
+                  top_k=column((max(p.top_k, 0) for p in params), np.int32, 0),
+                  top_p=column((p.top_p for p in params), np.float32, 1),
+                  min_p=column((p.min_p for p in params), np.float32, 0),
+                  seed=column((seq.seed for seq in seqs), np.uint32, 0),
+                  step=column((seq.num_output_tokens for seq in seqs), np.int32, 0),
                   banned=np.full((s_pad, _BANNED_SLOTS), -1, np.int32))
-        history = None
-        for i, seq in enumerate(batch.seqs):
-            p = seq.params
-            sp["temperature"][i] = p.temperature
-            sp["top_k"][i] = max(p.top_k, 0)
-            sp["top_p"][i], sp["min_p"][i] = p.top_p, p.min_p
-            sp["seed"][i] = seq.seed
-            sp["step"][i] = seq.num_output_tokens
-            if seq.num_output_tokens < p.min_tokens:
-                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
+        for i, seq in enumerate(seqs):
+            if seq.num_output_tokens < seq.params.min_tokens:
+                p = seq.params
+                banned = (list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids)))
                 sp["banned"][i, :len(banned[:_BANNED_SLOTS])] = banned[:_BANNED_SLOTS]
-        if any(seq.params.uses_penalties for seq in batch.seqs):
+        history = None
+        if any(p.uses_penalties for p in params):
             history = np.full((s_pad, self.max_model_len), -1, np.int32)
-            sp.update(prompt_lens=np.zeros(s_pad, np.int32),
-                      repetition=np.ones(s_pad, np.float32),
-                      presence=np.zeros(s_pad, np.float32), frequency=np.zeros(s_pad, np.float32))
-            for i, seq in enumerate(batch.seqs[:n]):
+            for i, seq in enumerate(seqs):
                 history[i, :seq.num_tokens] = seq.token_ids
-                sp["prompt_lens"][i] = seq.num_prompt_tokens
-                sp["repetition"][i] = seq.params.repetition_penalty
-                sp["presence"][i] = seq.params.presence_penalty
-                sp["frequency"][i] = seq.params.frequency_penalty
+            sp.update(prompt_lens=column((seq.num_prompt_tokens for seq in seqs), np.int32, 0),
+                      repetition=column((p.repetition_penalty for p in params), np.float32, 1),
+                      presence=column((p.presence_penalty for p in params), np.float32, 0),
+                      frequency=column((p.frequency_penalty for p in params), np.float32, 0))
         return sp, history
 
     # ------------------------------------------------------------ execution

@@ -53,14 +53,13 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not bm.can_allocate(seq, n):
+            while not bm.try_allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
             else:
-                bm.allocate(seq, n)
                 batch.seqs.append(seq)
                 batch.num_new_tokens.append(n)
                 budget -= n
