@@ -96,6 +96,15 @@ class EngineCore:
     # ------------------------------------------------------------ requests
 
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt that fits the context, or a ValueError naming what is wrong."""
+        ids = self._tokenize(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(ids)} tokens do not fit: max_model_len is {self.max_model_len} "
+                "and at least one token must be generated")
+        return ids
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
@@ -112,15 +121,12 @@ class EngineCore:
         return ids
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Validate and queue a request (nothing is queued if it is invalid)."""
+                    request_id: str | None = None, prompt_token_ids: list[int] | None = None) -> str:
+        """Validate and queue a request (nothing is queued if it is invalid).
+        prompt_token_ids: ids already checked by tokenize_prompt(prompt)."""
         params = params or SamplingParams()
         params.validate()
-        ids = self.tokenize_prompt(prompt)
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt: {len(ids)} tokens do not fit: max_model_len is {self.max_model_len} "
-                "and at least one token must be generated")
+        ids = prompt_token_ids if prompt_token_ids is not None else self.tokenize_prompt(prompt)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -210,8 +216,8 @@ class LLM:
         llm.tokenizer = llm.engine.tokenizer
         return llm
 
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts
                                               and isinstance(prompts[0], int))
         prompts = [prompts] if single else list(prompts)
@@ -224,11 +230,8 @@ class LLM:
         for p in params:
             p.validate()
         ids = [self.engine.tokenize_prompt(p) for p in prompts]  # fail before queueing any
-        for p, i in zip(prompts, ids):
-            if len(i) >= self.engine.max_model_len:
-                raise ValueError(f"prompt: {len(i)} tokens do not fit: max_model_len is "
-                                 f"{self.engine.max_model_len} and at least one token must be generated")
-        rids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        rids = [self.engine.add_request(p, sp, prompt_token_ids=i)
+                for p, sp, i in zip(prompts, params, ids)]
         try:
             while self.engine.has_unfinished():
                 self.engine.step()
