@@ -35,7 +35,6 @@ from atom_jax.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-SEED_MODULUS = 2**31  # the sampler keeps seeds in 32 bits; seed + i must fit for n completions
 
 
 class QueueFullError(RuntimeError):
@@ -204,16 +203,9 @@ class AsyncLLM:
 
     def check_params(self, params: SamplingParams) -> SamplingParams:
         """Validate sampling parameters and bring them into the ranges the sampler can hold."""
-        params.validate()
-        if params.top_k >= self.vocab_size:
-            params.top_k = -1  # the same distribution
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad:
-            raise ValueError(f"stop_token_ids: {bad[:3]} are not token ids in [0, {self.vocab_size})")
+        self.engine.check_params(params)
         if params.n > self.max_queued_requests:
             raise ValueError(f"n must be <= {self.max_queued_requests}, got {params.n}")
-        if params.seed is not None:
-            params.seed %= SEED_MODULUS - params.n
         return params
 
     async def add_request(self, prompt: str | list[int], params: SamplingParams,
@@ -376,14 +368,9 @@ class AsyncLLM:
     def _publish_stats(self) -> None:
         e = self.engine
         bm, sched = e.block_manager, e.scheduler
-        running = {_request_of(s) for s in sched.running}
-        waiting = {_request_of(s) for s in sched.waiting} - running
-        self.stats = EngineStats(len(running), len(waiting), bm.usage, bm.num_free_blocks,
+        running, waiting = e.stats()
+        self.stats = EngineStats(running, waiting, bm.usage, bm.num_free_blocks,
                                  bm.prefix_queries, bm.prefix_hits, sched.num_preemptions)
-
-
-def _request_of(seq) -> str:
-    return seq.seq_id.rsplit("#", 1)[0]  # the engine names sequences "<request id>#<index>"
 
 
 def _settle(future: asyncio.Future, result, error) -> None:

@@ -21,8 +21,8 @@ class BlockManager:
         self.block_hash: list[int | None] = [None] * num_blocks
         self.hash_to_block: dict[int, int] = {}
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.prefix_queries = 0  # tokens looked up, for metrics
-        self.prefix_hits = 0  # tokens found
+        self.prefix_queries = 0  # tokens of admitted requests looked up, for metrics
+        self.prefix_hits = 0  # tokens of those found cached
 
     @property
     def num_free_blocks(self) -> int:
@@ -48,8 +48,6 @@ class BlockManager:
             if block is None:
                 break
             blocks.append(block)
-        self.prefix_queries += seq.num_tokens
-        self.prefix_hits += len(blocks) * bs
         return blocks
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int, num_cached_blocks: int = 0) -> int:

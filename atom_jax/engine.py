@@ -120,12 +120,26 @@ class EngineCore:
             raise ValueError(f"prompt_token_ids: {bad[:3]} are not token ids in [0, {vocab})")
         return ids
 
+    def check_params(self, params: SamplingParams) -> SamplingParams:
+        """Validate params against this model too (raises ValueError naming the field)."""
+        params.validate()
+        vocab = self.model_config.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids: {bad[:3]} are not token ids in [0, {vocab})")
+        return params
+
+    def stats(self) -> tuple[int, int]:
+        """(requests with a sequence running, requests waiting with none running)."""
+        running = {seq.request_id for seq in self.scheduler.running}
+        waiting = {seq.request_id for seq in self.scheduler.waiting} - running
+        return len(running), len(waiting)
+
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, prompt_token_ids: list[int] | None = None) -> str:
         """Validate and queue a request (nothing is queued if it is invalid).
         prompt_token_ids: ids already checked by tokenize_prompt(prompt)."""
-        params = params or SamplingParams()
-        params.validate()
+        params = self.check_params(params or SamplingParams())
         ids = prompt_token_ids if prompt_token_ids is not None else self.tokenize_prompt(prompt)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
@@ -134,8 +148,10 @@ class EngineCore:
         max_tokens = min(params.max_tokens or room, room)
         seqs, outputs = [], []
         for i in range(params.n):
-            seed = params.seed + i if params.seed is not None else self._seeds.getrandbits(31)
+            # the sampler holds seeds in 32 bits; any integer seed is folded into that range
+            seed = (params.seed + i) % 2**31 if params.seed is not None else self._seeds.getrandbits(31)
             seq = Sequence(f"{request_id}#{i}", ids, params, seed, max_tokens)
+            seq.request_id = request_id
             seqs.append(seq)
             outputs.append(SequenceOutput(seq, self.tokenizer, self.eos_token_ids, self.max_model_len))
         req = _Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, seqs, outputs)
@@ -228,7 +244,7 @@ class LLM:
         else:
             params = [sampling_params or SamplingParams()] * len(prompts)
         for p in params:
-            p.validate()
+            self.engine.check_params(p)
         ids = [self.engine.tokenize_prompt(p) for p in prompts]  # fail before queueing any
         rids = [self.engine.add_request(p, sp, prompt_token_ids=i)
                 for p, sp, i in zip(prompts, params, ids)]

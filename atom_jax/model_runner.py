@@ -123,8 +123,9 @@ class ModelRunner:
             return out
 
         params = [seq.params for seq in seqs]
+        vocab = self.model_config.vocab_size
         sp = dict(temperature=column((p.temperature for p in params), np.float32, 0),
-                  top_k=column((max(p.top_k, 0) for p in params), np.int32, 0),
+                  top_k=column((min(max(p.top_k, 0), vocab) for p in params), np.int32, 0),
                   top_p=column((p.top_p for p in params), np.float32, 1),
                   min_p=column((p.min_p for p in params), np.float32, 0),
                   seed=column((seq.seed for seq in seqs), np.uint32, 0),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit; the sampler always computes this many
 
@@ -40,7 +41,7 @@ class SamplingParams:
             return isinstance(x, int) and not isinstance(x, bool)
 
         def is_num(x):
-            return isinstance(x, (int, float)) and not isinstance(x, bool)
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
         if not is_int(self.n) or self.n < 1:
             fail("n", f"must be an integer >= 1, got {self.n!r}")

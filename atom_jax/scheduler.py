@@ -78,6 +78,9 @@ class Scheduler:
                 break
             self.waiting.popleft()
             bm.allocate(seq, n, cached)
+            if bm.enable_prefix_caching:
+                bm.prefix_queries += seq.num_tokens
+                bm.prefix_hits += num_cached
             if seq.num_cached_tokens < 0:
                 seq.num_cached_tokens = num_cached
             seq.status = SequenceStatus.RUNNING

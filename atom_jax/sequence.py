@@ -17,6 +17,7 @@ class Sequence:
     def __init__(self, seq_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  seed: int, max_tokens: int):
         self.seq_id = seq_id
+        self.request_id = seq_id  # the engine sets the owning request's id
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params

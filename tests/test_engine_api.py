@@ -124,3 +124,15 @@ def test_corrupt_checkpoints(tmp_path):
     (bad_json / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json"):
         load_hf(bad_json, "float32")
+
+
+def test_out_of_range_values_are_refused_or_folded(llm):
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            SamplingParams(temperature=bad)
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        llm.generate("Hi", SamplingParams(max_tokens=2, stop_token_ids=[2**40]))
+    # seeds of any size and top_k past the vocabulary are valid and sample normally
+    big = SamplingParams(temperature=1.0, seed=-(2**40), top_k=2**40, max_tokens=3, ignore_eos=True)
+    assert len(llm.generate("Hi", big)[0].outputs[0].token_ids) == 3
+    assert_all_blocks_free(llm)

@@ -61,6 +61,14 @@ class ScriptedEngine:
         self.requests, self.aborted = {}, []
         self.paused, self.fail_at_step, self.steps = False, None, 0
 
+    def check_params(self, params):
+        params.validate()
+        return params
+
+    def stats(self):
+        running = {s.rid for s in self.scheduler.running}
+        return len(running), len({s.rid for s in self.scheduler.waiting} - running)
+
     def add_request(self, ids, params, request_id):
         seqs = [SimpleNamespace(seq_id=f"{request_id}#{i}", rid=request_id, index=i,
                                 left=params.max_tokens or 4) for i in range(params.n)]
