@@ -33,8 +33,12 @@ sequence at run time from its number of new tokens:
 * "decode" tiles: sequences with at most `decode.block_m // group` new tokens (decodes,
   short speculative chunks). One tile per sequence, small `block_m`. When the batch is
   too small to fill the GPU, the context is split into `num_kv_splits` parts
-  (flash-decoding): each part writes a partial output and its log-sum-exp, and a small
-  combine launch merges them into the output rows.
+  (flash-decoding): each part writes a partial output and its log-sum-exp (rows of real
+  tokens only), and a combine launch merges them into the output rows. With
+  `fused_combine=True` there is no second launch: each split program bumps an int32
+  arrival counter of its (sequence, KV head) with an atomic add after its stores, and
+  the one that arrives last does the merge (on the H200 both forms timed the same at
+  batch 1, context 32k, so the two-launch form stays the default).
 * "prefill" tiles: the other sequences, cut into tiles of `prefill.block_m // group`
   tokens, large `block_m` for matrix-unit efficiency.
 
@@ -84,17 +88,28 @@ DECODE_CONFIG = KernelConfig(block_m=16, block_n=128, num_warps=4, num_stages=3)
 # Prefill tiles: matrix-unit bound. H200, 16k causal, GQA 4: 408 TFLOP/s; (128, 128, 8, 3)
 # gave 289 and (128, 64, 8, 3) 234.
 PREFILL_CONFIG = KernelConfig(block_m=256, block_n=64, num_warps=8, num_stages=2)
+# Decode tiles of launches split along the context (small batches, flash-decoding).
+# H200, batch 1 at 32k, measured with scripts/bench_kernels.py --tune-split (us per call,
+# timing loop included): this config with one program per SM (16 splits) 57.3; the same
+# with 2 per SM and the fused combine 58.5; block_n 64 with 5 stages, 2 per SM, fused
+# 57.3; block_n 64 with 3 per SM 62.6-63.6; block_n 32, 7 stages, 4 per SM 69.7.
+SPLIT_DECODE_CONFIG = KernelConfig(block_m=16, block_n=128, num_warps=4, num_stages=3)
 # Float32 operands (or head_dim > 128) need half the shared memory per stage.
 DECODE_CONFIG_WIDE = KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)
 PREFILL_CONFIG_WIDE = KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
-# Split-KV heuristic for decode tiles: at most this many programs per multiprocessor (so
-# the split programs run in one wave; DECODE_CONFIG's shared memory allows one) ...
+# Split-KV heuristic for decode tiles: about this many programs per multiprocessor, all
+# resident at once ...
 SPLIT_PROGRAMS_PER_SM = 1
 # ... with at most this many splits, each covering at least this many inner steps.
-MAX_KV_SPLITS = 32
+MAX_KV_SPLITS = 64
 MIN_STEPS_PER_SPLIT = 2
-# The split-combine launch (tiny: one program per sequence and KV head).
-COMBINE_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+# Merge the splits in the split launch itself (last program to arrive) rather than in a
+# second launch.
+FUSED_COMBINE = False
+# The separate split-combine launch (one program per sequence and KV head); its loop over
+# the splits is software-pipelined (with 1 stage it was latency bound: batch 1 at 4k took
+# 27.5 us with it, 20.2 us now).
+COMBINE_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=3)
 # Multiprocessor count used when the device does not report one (interpret mode on CPU).
 DEFAULT_NUM_SMS = 132
 
@@ -104,12 +119,20 @@ def _compiler_params(cfg: KernelConfig):
     return cls(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def _wide(dtype, head_dim: int) -> bool:
+    return jnp.dtype(dtype).itemsize * _pow2(head_dim) > 256
+
+
 def default_configs(dtype, head_dim: int) -> tuple[KernelConfig, KernelConfig]:
     """(decode, prefill) configs for operands of `dtype` and `head_dim`."""
-    wide = jnp.dtype(dtype).itemsize * _pow2(head_dim) > 256
-    if wide:
+    if _wide(dtype, head_dim):
         return DECODE_CONFIG_WIDE, PREFILL_CONFIG_WIDE
     return DECODE_CONFIG, PREFILL_CONFIG
+
+
+def default_split_config(dtype, head_dim: int) -> KernelConfig:
+    """Config of decode launches split along the context."""
+    return DECODE_CONFIG_WIDE if _wide(dtype, head_dim) else SPLIT_DECODE_CONFIG
 
 
 def _num_sms() -> int:
@@ -127,13 +150,22 @@ def _pow2(x: int) -> int:
 
 
 def auto_num_kv_splits(num_seqs: int, num_kv_heads: int, max_context: int,
-                       block_n: int, num_sms: int | None = None) -> int:
-    """Splits of the context for decode tiles so that small batches still fill the GPU."""
+                       block_n: int, num_sms: int | None = None,
+                       programs_per_sm: int | None = None) -> int:
+    """Splits of the context for decode tiles so that small batches still fill the GPU.
+
+    About `programs_per_sm` programs per multiprocessor, then as few splits as give the
+    same number of inner steps per split (so no split is left nearly empty).
+    """
     num_sms = _num_sms() if num_sms is None else num_sms
+    pps = SPLIT_PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
     programs = num_seqs * num_kv_heads
-    want = SPLIT_PROGRAMS_PER_SM * num_sms // programs
-    useful = max(1, (-(-max_context // block_n)) // MIN_STEPS_PER_SPLIT)
-    return int(max(1, min(want, useful, MAX_KV_SPLITS)))
+    want = pps * num_sms // programs
+    steps = -(-max_context // block_n)
+    useful = max(1, steps // MIN_STEPS_PER_SPLIT)
+    n = max(1, min(want, useful, MAX_KV_SPLITS))
+    per = -(-steps // n)
+    return int(-(-steps // per))
 
 
 # --------------------------------------------------------------------------------------
@@ -163,13 +195,57 @@ def _decode_tile(qsl_ref, kvl_ref, seq, max_q):
     return tok0, ntok, kvl_ref[seq] - q_len
 
 
+def _store_rows(o_ref, o, tok, head, row_ok, dp: int, head_dim: int):
+    """Output rows (token tok[i], query head head[i]) of the rows with row_ok."""
+    mask = row_ok[:, None]
+    if dp != head_dim:
+        mask = mask & (jnp.arange(dp, dtype=jnp.int32) < head_dim)[None, :]
+    plgpu.store(_row_ref(o_ref, tok, head, dp), o.astype(o_ref.dtype),
+                mask=jnp.broadcast_to(mask, o.shape))
+
+
+def _merge_splits(o_part_ref, lse_ref, tile, kv_head, num_splits: int, rows, row_ok,
+                  dp: int):
+    """The flash-decoding partials of one (tile, KV head) merged: [block_m, dp] float32.
+
+    o_part_ref [tiles, kv_heads, splits, block_m, dp] holds each split's normalised output,
+    lse_ref [tiles, kv_heads, splits, block_m] its base-2 log-sum-exp (-inf: saw nothing).
+    Only rows with row_ok are read. The maximum comes from one load of all the splits'
+    log-sum-exps, so the loop over the splits carries no dependence through its loads
+    and is software-pipelined.
+    """
+    block_m = rows.shape[0]
+    sp = jnp.arange(_pow2(num_splits), dtype=jnp.int32)
+    lse_all = plgpu.load(lse_ref.at[tile, kv_head, sp[:, None], rows[None, :]],
+                         mask=(sp[:, None] < num_splits) & row_ok[None, :], other=-jnp.inf)
+    m = jnp.max(lse_all, axis=0)
+    m = jnp.where(m == -jnp.inf, 0.0, m)
+    l = jnp.sum(jnp.exp2(lse_all - m[None, :]), axis=0)
+    cols = jnp.arange(dp, dtype=jnp.int32)[None, :]
+    mask = jnp.broadcast_to(row_ok[:, None], (block_m, dp))
+
+    def body(s, acc):
+        lse = plgpu.load(lse_ref.at[tile, kv_head, s, rows], mask=row_ok, other=-jnp.inf)
+        o = plgpu.load(o_part_ref.at[tile, kv_head, s, rows[:, None], cols], mask=mask,
+                       other=0.0)
+        return acc + o * jnp.exp2(lse - m)[:, None]
+
+    acc = lax.fori_loop(0, num_splits, body, jnp.zeros((block_m, dp), jnp.float32))
+    return acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+
+
 def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: KernelConfig,
                       sm_scale: float, soft_cap: float | None, sliding_window: int | None,
-                      num_splits: int, split_out: bool, aliased: bool, decode_max_q: int | None):
+                      num_splits: int, out_mode: str, num_aliased: int,
+                      decode_max_q: int | None, interpret: bool):
     """One (query tile, KV head, context split) program.
 
     Decode launches (decode_max_q set) take (query_start_loc, kv_lens) and map program i to
     sequence i; prefill launches take the tile table built by `_prefill_tiles`.
+
+    out_mode "out": write the output rows; "split": write this split's partial output and
+    log-sum-exp; "fused": as "split", then the last split program of the (tile, KV head)
+    to arrive (atomic counter) merges all partials into the output rows.
     """
     block_m, block_n = cfg.block_m, cfg.block_n
     dp = _pow2(head_dim)
@@ -184,8 +260,7 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
         tok0 = meta_ref[tile, 1]
         ntok = meta_ref[tile, 2]
         pos0 = meta_ref[tile, 3]
-    if aliased:
-        refs = refs[1:]  # the aliased input; the kernel writes through the output ref
+    refs = refs[num_aliased:]  # aliased inputs: the kernel writes through the output refs
 
     rows = jnp.arange(block_m, dtype=jnp.int32)
     row_tok = rows // group
@@ -290,54 +365,77 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
                               functools.partial(step, masked=True), carry)
         acc, m_i, l_i = carry
 
-        if split_out:
-            o_ref, lse_ref = refs
+        if out_mode == "out":
+            (o_ref,) = refs
+            _store_rows(o_ref, acc / l_i[:, None], tok0 + row_tok, row_head, row_ok, dp,
+                        head_dim)
+        else:
+            if out_mode == "split":
+                o_part_ref, lse_ref = refs
+            else:
+                o_ref, o_part_ref, lse_ref, cnt_ref = refs
             empty = l_i == 0.0
             l_safe = jnp.where(empty, 1.0, l_i)
             o = acc / l_safe[:, None]
             lse = jnp.where(empty, -jnp.inf, m_i + jnp.log2(l_safe))
-            o_ref[split, tile, kv_head, :, :] = o
-            lse_ref[split, tile, kv_head, :] = lse
-        else:
-            (o_ref,) = refs
-            o = (acc / l_i[:, None]).astype(o_ref.dtype)
-            o_view = _row_ref(o_ref, tok0 + row_tok, row_head, dp)
-            mask = row_ok[:, None] if dmask is None else row_ok[:, None] & dmask
-            plgpu.store(o_view, o, mask=jnp.broadcast_to(mask, (block_m, dp)))
+            cols = jnp.arange(dp, dtype=jnp.int32)[None, :]
+            plgpu.store(o_part_ref.at[tile, kv_head, split, rows[:, None], cols], o,
+                        mask=jnp.broadcast_to(row_ok[:, None], (block_m, dp)))
+            plgpu.store(lse_ref.at[tile, kv_head, split, rows], lse, mask=row_ok)
+            if out_mode == "fused":
+                # Every thread's partial stores before the (single-thread) release below.
+                if not interpret:
+                    plgpu.debug_barrier()
+                arrived = plgpu.atomic_add(cnt_ref, (tile, kv_head), jnp.int32(1))
+
+                @pl.when(arrived == num_splits - 1)
+                def _():
+                    merged = _merge_splits(o_part_ref, lse_ref, tile, kv_head, num_splits,
+                                           rows, row_ok, dp)
+                    _store_rows(o_ref, merged, tok0 + row_tok, row_head, row_ok, dp,
+                                head_dim)
 
 
 def _launch(tile_args, q, k_flat, v_flat, block_tables, out, *, group, head_dim,
-            page_size, cfg, sm_scale, soft_cap, sliding_window, num_splits, split_out,
+            page_size, cfg, sm_scale, soft_cap, sliding_window, num_splits, out_mode,
             interpret, name, decode_max_q=None):
-    """One pallas_call over grid (tiles, kv_heads, splits).
+    """One pallas_call over grid (tiles, kv_heads, splits); returns its outputs, a tuple.
 
     tile_args: (query_start_loc, kv_lens) for a decode launch (one tile per sequence), or
-    (tile_table,) for a prefill launch.
+    (tile_table,) for a prefill launch. out_mode "out" -> (out,); "split" -> (o_part, lse);
+    "fused" -> (out, o_part, lse, counters). `out`, if given, is the buffer the output rows
+    are written into.
     """
     num_tokens, num_q_heads, _ = q.shape
     num_kv_heads = k_flat.shape[1]
     num_tiles = (tile_args[1].shape[0] if decode_max_q is not None else tile_args[0].shape[0])
     dp = _pow2(head_dim)
+    o_shape = jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), q.dtype)
+    part_shapes = (
+        jax.ShapeDtypeStruct((num_tiles, num_kv_heads, num_splits, cfg.block_m, dp),
+                             jnp.float32),
+        jax.ShapeDtypeStruct((num_tiles, num_kv_heads, num_splits, cfg.block_m), jnp.float32),
+    )
+    args = [*tile_args, q, k_flat, v_flat, block_tables]
+    aliases = {}
+    if out_mode == "split":
+        out_shape = part_shapes
+    else:
+        if out is not None:
+            aliases[len(args)] = 0
+            args.append(out)
+        out_shape = (o_shape,)
+        if out_mode == "fused":
+            cnt = jnp.zeros((num_tiles, num_kv_heads), jnp.int32)
+            out_shape = (o_shape, *part_shapes, jax.ShapeDtypeStruct(cnt.shape, cnt.dtype))
+            aliases[len(args)] = 3
+            args.append(cnt)
     kernel = functools.partial(
         _attention_kernel, group=group, head_dim=head_dim, page_size=page_size, cfg=cfg,
         sm_scale=float(sm_scale), soft_cap=None if soft_cap is None else float(soft_cap),
         sliding_window=None if sliding_window is None else int(sliding_window),
-        num_splits=num_splits, split_out=split_out, aliased=out is not None,
-        decode_max_q=decode_max_q)
-    if split_out:
-        out_shape = (
-            jax.ShapeDtypeStruct((num_splits, num_tiles, num_kv_heads, cfg.block_m, dp),
-                                 jnp.float32),
-            jax.ShapeDtypeStruct((num_splits, num_tiles, num_kv_heads, cfg.block_m),
-                                 jnp.float32),
-        )
-    else:
-        out_shape = jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), q.dtype)
-    args = [*tile_args, q, k_flat, v_flat, block_tables]
-    aliases = {}
-    if out is not None:
-        aliases = {len(args): 0}
-        args.append(out)
+        num_splits=num_splits, out_mode=out_mode, num_aliased=len(aliases),
+        decode_max_q=decode_max_q, interpret=interpret)
     return pl.pallas_call(
         kernel,
         grid=(num_tiles, num_kv_heads, num_splits),
@@ -363,32 +461,13 @@ def _combine_kernel(qsl_ref, kvl_ref, o_part_ref, lse_ref, *refs, group: int,
 
     @pl.when(ntok > 0)
     def _():
-        def body(sp, carry):
-            acc, m, l = carry
-            lse = lse_ref[sp, seq, kv_head, :]
-            o = o_part_ref[sp, seq, kv_head, :, :]
-            m_new = jnp.maximum(m, lse)
-            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            a = jnp.exp2(m - m_use)
-            w = jnp.exp2(lse - m_use)
-            return acc * a[:, None] + o * w[:, None], m_new, l * a + w
-
-        acc, _, l = lax.fori_loop(
-            0, num_splits, body,
-            (jnp.zeros((block_m, dp), jnp.float32),
-             jnp.full((block_m,), -jnp.inf, jnp.float32),
-             jnp.zeros((block_m,), jnp.float32)))
-        o = (acc / l[:, None]).astype(out_ref.dtype)
-        mask = row_ok[:, None]
-        if dp != head_dim:
-            mask = mask & (jnp.arange(dp, dtype=jnp.int32) < head_dim)[None, :]
-        plgpu.store(_row_ref(out_ref, tok0 + row_tok, row_head, dp), o,
-                    mask=jnp.broadcast_to(mask, (block_m, dp)))
+        o = _merge_splits(o_part_ref, lse_ref, seq, kv_head, num_splits, rows, row_ok, dp)
+        _store_rows(out_ref, o, tok0 + row_tok, row_head, row_ok, dp, head_dim)
 
 
 def _combine(query_start_loc, kv_lens, o_part, lse, q, out, *, group, head_dim, max_q,
              interpret):
-    num_splits, num_seqs, num_kv_heads = o_part.shape[:3]
+    num_seqs, num_kv_heads, num_splits = o_part.shape[:3]
     kernel = functools.partial(_combine_kernel, group=group, head_dim=head_dim,
                                num_splits=num_splits, max_q=max_q, aliased=out is not None)
     args = [query_start_loc, kv_lens, o_part, lse]
@@ -441,19 +520,22 @@ def ragged_paged_attention_pallas(
     *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
     interpret: bool = False, num_kv_splits: int | None = None,
     decode_config: KernelConfig | None = None, prefill_config: KernelConfig | None = None,
-    max_q_len: int | None = None, out_init=None,
+    max_q_len: int | None = None, out_init=None, fused_combine: bool | None = None,
 ):
     """Ragged paged attention for a mixed batch of decodes and prefill chunks.
 
     num_kv_splits: context splits of decode tiles (flash-decoding); None picks from the
       batch size and the device's multiprocessor count.
-    decode_config / prefill_config: override the Triton parameters (benchmarks, tuning).
+    decode_config / prefill_config: override the Triton parameters (benchmarks, tuning);
+      decode_config applies to split and unsplit decode launches alike.
     max_q_len: optional static promise that no sequence has more new tokens than this;
       when it fits a decode tile (e.g. 1 for a decode-only step) the prefill launch and
       its tile table are skipped. Without it a batch may mix anything.
     out_init: optional [T, Hq, D] buffer the output is written into; rows the kernel
       does not write (padding tokens) keep its values. Tests pass a NaN-filled buffer to
       catch rows the kernel failed to write.
+    fused_combine: merge context splits inside the split launch (default FUSED_COMBINE)
+      or in a second launch.
     """
     return _ragged_paged_attention(
         q, k_cache, v_cache, kv_lens, block_tables, query_start_loc, out_init,
@@ -462,25 +544,36 @@ def ragged_paged_attention_pallas(
         soft_cap=None if soft_cap is None else float(soft_cap),
         interpret=bool(interpret), num_kv_splits=num_kv_splits,
         decode_config=decode_config, prefill_config=prefill_config,
-        max_q_len=None if max_q_len is None else int(max_q_len))
+        max_q_len=None if max_q_len is None else int(max_q_len),
+        fused_combine=FUSED_COMBINE if fused_combine is None else bool(fused_combine))
 
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "sliding_window", "soft_cap", "interpret", "num_kv_splits",
-    "decode_config", "prefill_config", "max_q_len"))
+    "decode_config", "prefill_config", "max_q_len", "fused_combine"))
 def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_start_loc,
                             out_init, *, sm_scale, sliding_window, soft_cap, interpret,
-                            num_kv_splits, decode_config, prefill_config, max_q_len):
+                            num_kv_splits, decode_config, prefill_config, max_q_len,
+                            fused_combine):
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = k_cache.shape
     num_seqs, max_pages = block_tables.shape
     if num_q_heads % num_kv_heads:
         raise ValueError(f"{num_q_heads=} is not a multiple of {num_kv_heads=}")
     group = num_q_heads // num_kv_heads
-    dec_cfg, pre_cfg = default_configs(k_cache.dtype if k_cache.dtype.itemsize > q.dtype.itemsize
-                                       else q.dtype, head_dim)
+    op_dtype = k_cache.dtype if k_cache.dtype.itemsize > q.dtype.itemsize else q.dtype
+    dec_cfg, pre_cfg = default_configs(op_dtype, head_dim)
+    split_cfg = decode_config or default_split_config(op_dtype, head_dim)
     dec_cfg = decode_config or dec_cfg
     pre_cfg = prefill_config or pre_cfg
+    if num_kv_splits is None:
+        # Interpret mode runs the programs one after the other: one per multiprocessor is
+        # enough to exercise the splits there.
+        num_kv_splits = auto_num_kv_splits(num_seqs, num_kv_heads, max_pages * page_size,
+                                           split_cfg.block_n,
+                                           programs_per_sm=1 if interpret else None)
+    if num_kv_splits > 1:
+        dec_cfg = split_cfg
     # A tile must hold all query heads of its KV head for at least one token.
     dec_cfg = dataclasses.replace(dec_cfg, block_m=max(dec_cfg.block_m, _pow2(group)))
     pre_cfg = dataclasses.replace(pre_cfg, block_m=max(pre_cfg.block_m, _pow2(group)))
@@ -496,21 +589,23 @@ def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_st
                   soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret)
 
     # Decode tiles: one per sequence, at most max_q_decode new tokens.
-    if num_kv_splits is None:
-        num_kv_splits = auto_num_kv_splits(num_seqs, num_kv_heads, max_pages * page_size,
-                                           dec_cfg.block_n)
     seq_args = (query_start_loc, kv_lens)
-    if num_kv_splits > 1:
+    if num_kv_splits > 1 and fused_combine:
+        out = _launch(seq_args, q, k_flat, v_flat, block_tables, out_init, cfg=dec_cfg,
+                      num_splits=num_kv_splits, out_mode="fused",
+                      name="ragged_paged_attention_decode_split",
+                      decode_max_q=max_q_decode, **common)[0]
+    elif num_kv_splits > 1:
         o_part, lse = _launch(seq_args, q, k_flat, v_flat, block_tables, None, cfg=dec_cfg,
-                              num_splits=num_kv_splits, split_out=True,
+                              num_splits=num_kv_splits, out_mode="split",
                               name="ragged_paged_attention_decode_split",
                               decode_max_q=max_q_decode, **common)
         out = _combine(query_start_loc, kv_lens, o_part, lse, q, out_init, group=group,
                        head_dim=head_dim, max_q=max_q_decode, interpret=interpret)
     else:
         out = _launch(seq_args, q, k_flat, v_flat, block_tables, out_init, cfg=dec_cfg,
-                      num_splits=1, split_out=False, name="ragged_paged_attention_decode",
-                      decode_max_q=max_q_decode, **common)
+                      num_splits=1, out_mode="out", name="ragged_paged_attention_decode",
+                      decode_max_q=max_q_decode, **common)[0]
 
     # Prefill tiles: only if some sequence can have more new tokens than a decode tile.
     longest = num_tokens if max_q_len is None else min(num_tokens, max_q_len)
@@ -519,6 +614,6 @@ def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_st
         num_tiles = max(num_tokens // q_tile + max_big_seqs, 1)
         pre_meta = _prefill_tiles(query_start_loc, kv_lens, max_q_decode, q_tile, num_tiles)
         out = _launch((pre_meta,), q, k_flat, v_flat, block_tables, out, cfg=pre_cfg,
-                      num_splits=1, split_out=False, name="ragged_paged_attention_prefill",
-                      **common)
+                      num_splits=1, out_mode="out", name="ragged_paged_attention_prefill",
+                      **common)[0]
     return out

@@ -14,7 +14,14 @@ Every timing is the median over repeats of a jitted loop of many calls, so launc
 are those of a compiled program; consecutive calls read different, shuffled pages
 (several block tables over one large cache) so small problems are not served from L2.
 
-  python scripts/bench_kernels.py [--out docs/benchmarks/kernels-h200.json] [--sweep]
+With --tune-split, the split (flash-decoding) parameters are first measured on batch 1
+at the longest context: decode config, programs per multiprocessor (hence the split
+count) and merged-in-launch versus separate combine; the fastest correct one is adopted
+for the rest of the run (and recorded under "split_tuning"; the module's defaults are
+meant to match it).
+
+  python scripts/bench_kernels.py [--out docs/benchmarks/kernels-h200.json] [--tune-split]
+      [--sweep]
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -39,6 +47,7 @@ from kernels_pallas import ragged_paged_attention_triton as rpa  # noqa: E402
 from kernels_pallas.ragged_paged_attention import ragged_paged_attention_reference  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
+T0 = time.perf_counter()
 DTYPE = jnp.bfloat16
 SCALE = D ** -0.5
 
@@ -194,6 +203,11 @@ def kernel_step(interpret=False, **kw):
     return step
 
 
+def harness_step(q, k, v, kvl, qsl, bt):
+    """Next to nothing, through the same timing loop: its time is the loop's own cost."""
+    return q[:1] + bt[0, 0].astype(q.dtype)
+
+
 def reference_step(q, k, v, kvl, qsl, bt):
     return ragged_paged_attention_reference(q, k, v, kvl, bt, qsl, sm_scale=SCALE)
 
@@ -220,9 +234,13 @@ def run_safe(fn, *a, **kw):
 # --------------------------------------------------------------------------------------
 
 def main():
+    # A run stopped by `timeout` still saves and prints what it measured.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="docs/benchmarks/kernels-h200.json")
     ap.add_argument("--sweep", action="store_true", help="also time alternative configs")
+    ap.add_argument("--tune-split", action="store_true",
+                    help="measure the split-decode candidates first and adopt the fastest")
     ap.add_argument("--small", action="store_true", help="tiny sizes (CPU dry run)")
     ap.add_argument("--interpret", action="store_true", help="Pallas interpret mode")
     ap.add_argument("--ref-max-gb", type=float, default=2.5,
@@ -237,13 +255,9 @@ def main():
                 shapes=dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, page_size=PAGE,
                             dtype=jnp.dtype(DTYPE).name),
                 configs=dict(decode=dataclasses.asdict(rpa.DECODE_CONFIG),
-                             prefill=dataclasses.asdict(rpa.PREFILL_CONFIG)))
+                             prefill=dataclasses.asdict(rpa.PREFILL_CONFIG),
+                             **_split_defaults()))
     log("device:", info)
-    small = args.small
-    batches = [1, 8] if small else [1, 8, 64, 256]
-    ctxs = [64, 300] if small else [512, 4096, 32768]
-    prefill_len = 512 if small else 16384
-    interp = args.interpret
     results = dict(info=info)
 
     def save():
@@ -251,6 +265,21 @@ def main():
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1, default=float)
 
+    try:
+        _run(args, results, info, save)
+    finally:
+        save()
+        log(f"\nwrote {args.out}")
+        if "split_tuning" in results:
+            print_tuning(results["split_tuning"])
+        print_table(results)
+
+
+def _run(args, results, info, save):
+    small, interp = args.small, args.interpret
+    batches = [1, 8] if small else [1, 8, 64, 256]
+    ctxs = [64, 300] if small else [512, 4096, 32768]
+    prefill_len = 512 if small else 16384
     bw = {"copy_GBps": float("nan")} if interp else run_safe(copy_bandwidth)
     results["copy_bandwidth"] = bw
     copy = bw.get("copy_GBps", float("nan"))
@@ -261,10 +290,17 @@ def main():
         pool_tokens = max(pool_tokens, 2 * 64 * 4096 * 2)
     pool = Pool(pool_tokens)
     log(f"cache pool: {pool.num_pages} pages, {2 * pool.k.nbytes / 1e9:.1f} GB")
+    slow = 1000.0 if interp else 1.0
+
+    # ---- split-decode tuning ----------------------------------------------------------
+    if args.tune_split:
+        results["split_tuning"] = tune_split(pool, interp, copy, max(ctxs), slow)
+        info["configs"].update(_split_defaults())
+        print_tuning(results["split_tuning"])
+        save()
 
     # ---- decode -----------------------------------------------------------------------
-    decode = []
-    slow = 1000.0 if interp else 1.0
+    decode = results["decode"] = []
     for ctx in ctxs:
         for b in batches:
             ctx_lens = [ctx] * b
@@ -272,8 +308,8 @@ def main():
             sets = n_sets_for(nb)
             est = estimate(nb, slow=slow)
             rec = dict(batch=b, context=ctx, kv_bytes=nb, block_table_sets=sets,
-                       num_kv_splits=rpa.auto_num_kv_splits(b, HKV, ctx,
-                                                            rpa.DECODE_CONFIG.block_n))
+                       num_kv_splits=rpa.auto_num_kv_splits(
+                           b, HKV, ctx, rpa.SPLIT_DECODE_CONFIG.block_n))
             inputs = ragged_inputs(pool, [1] * b, ctx_lens, sets)
             step = kernel_step(interp)
 
@@ -298,9 +334,8 @@ def main():
                     rec["xla_ref_GBps"] = nb / r[0] / 1e9
                 else:
                     rec["xla_ref_error"] = r["error"]
-            log("decode", rec)
+            log(f"decode [{time.perf_counter() - T0:.0f} s]", rec)
             decode.append(rec)
-    results["decode"] = decode
     save()
 
     # ---- prefill ----------------------------------------------------------------------
@@ -336,7 +371,7 @@ def main():
         tm, n = time_loop(reference_step, *inputs, est_s=1.0, target_s=0.0, repeats=2)
         return dict(xla_ref_time_ms=tm * 1e3, xla_ref_TFLOPs=flops / tm / 1e12)
     pre.update(run_safe(prefill_ref))
-    log("prefill", pre)
+    log(f"prefill [{time.perf_counter() - T0:.0f} s]", pre)
     results["prefill"] = pre
     save()
 
@@ -369,7 +404,7 @@ def main():
                                        max_iters=10, repeats=3))
         if isinstance(r, tuple):
             mixed["xla_ref_time_us"] = r[0] * 1e6
-    log("mixed", mixed)
+    log(f"mixed [{time.perf_counter() - T0:.0f} s]", mixed)
     results["mixed"] = mixed
 
     save()
@@ -378,11 +413,80 @@ def main():
     if args.sweep:
         print_table(results)
         results["sweep"] = sweep(pool, interp, copy, small, slow)
-        save()
 
-    # ---- report -----------------------------------------------------------------------
-    log(f"\nwrote {args.out}")
-    print_table(results)
+
+def _split_defaults():
+    return dict(split_decode=dataclasses.asdict(rpa.SPLIT_DECODE_CONFIG),
+                split_programs_per_sm=rpa.SPLIT_PROGRAMS_PER_SM,
+                fused_combine=rpa.FUSED_COMBINE)
+
+
+# (split decode config, programs per multiprocessor, combine merged into the split launch)
+def split_candidates():
+    KC = rpa.KernelConfig
+    return [
+        (KC(16, 128, 4, 3), 1, False),  # one program per SM, two launches (the defaults)
+        (KC(16, 128, 4, 3), 2, True),
+        (KC(16, 64, 4, 3), 3, True),
+        (KC(16, 64, 4, 5), 2, True),
+        (KC(16, 64, 4, 5), 3, True),
+        (KC(16, 64, 4, 5), 3, False),
+        (KC(16, 32, 4, 7), 4, True),
+    ]
+
+
+def tune_split(pool, interp, copy, ctx, slow):
+    """Time the split candidates on batch 1 at context ctx; adopt the fastest correct one."""
+    ctx_lens = [ctx]
+    nb = kv_bytes(ctx_lens)
+    inputs = ragged_inputs(pool, [1], ctx_lens, n_sets_for(nb))
+    est = estimate(nb, slow=slow)
+    out = dict(batch=1, context=ctx, kv_bytes=nb)
+    r = run_safe(lambda: time_loop(harness_step, *inputs, est_s=est, repeats=3))
+    if isinstance(r, tuple):
+        out["harness_us"] = r[0] * 1e6
+    log("tune harness", out)
+    recs = []
+    for cfg, pps, fused in split_candidates():
+        splits = rpa.auto_num_kv_splits(1, HKV, ctx, cfg.block_n, programs_per_sm=pps)
+        rec = dict(cfg=dataclasses.asdict(cfg), programs_per_sm=pps, fused_combine=fused,
+                   num_kv_splits=splits)
+        step = kernel_step(interp, decode_config=cfg, num_kv_splits=splits,
+                           fused_combine=fused)
+
+        def one():
+            rel, ok = check(step, inputs)
+            tm, _ = time_loop(step, *inputs, est_s=est, repeats=3)
+            return dict(rel_err=rel, ok=ok, time_us=tm * 1e6, GBps=nb / tm / 1e9,
+                        frac_copy=nb / tm / 1e9 / copy)
+        rec.update(run_safe(one))
+        log(f"tune [{time.perf_counter() - T0:.0f} s]", rec)
+        recs.append(rec)
+    out["candidates"] = recs
+    good = [(r["time_us"], i) for i, r in enumerate(recs) if r.get("ok")]
+    if good:
+        best = recs[min(good)[1]]
+        rpa.SPLIT_DECODE_CONFIG = rpa.KernelConfig(**best["cfg"])
+        rpa.SPLIT_PROGRAMS_PER_SM = best["programs_per_sm"]
+        rpa.FUSED_COMBINE = best["fused_combine"]
+        out["chosen"] = min(good)[1]
+    return out
+
+
+def print_tuning(t):
+    lines = [f"split tuning, B{t['batch']} ctx{t['context']}: timing-loop cost alone "
+             f"{_f(t.get('harness_us'), '.1f')} us",
+             f"{'block_n':>8}{'warps':>6}{'stages':>7}{'pps':>5}{'fused':>6}{'splits':>7}"
+             f"{'time us':>9}{'%copy':>7}{'ok':>4}"]
+    for i, r in enumerate(t["candidates"]):
+        c = r["cfg"]
+        lines.append(f"{c['block_n']:>8}{c['num_warps']:>6}{c['num_stages']:>7}"
+                     f"{r['programs_per_sm']:>5}{'y' if r['fused_combine'] else 'n':>6}"
+                     f"{r['num_kv_splits']:>7}{_f(r.get('time_us'), '.1f'):>9}"
+                     f"{_f(100 * r.get('frac_copy', float('nan')), '.0f'):>7}"
+                     f"{'y' if r.get('ok') else 'N':>4}"
+                     + ("  <- chosen" if t.get("chosen") == i else ""))
+    print("\n".join(lines), flush=True)
 
 
 def sweep(pool, interp, copy, small, slow):
@@ -450,7 +554,7 @@ def print_table(r):
                  if k != "copy_GBps" and k.endswith("GBps"))]
     lines.append(f"{'decode':<14}{'splits':>7}{'time us':>10}{'GB/s':>8}{'%copy':>7}"
                  f"{'hint us':>9}{'%copy':>7}{'xla us':>9}{'ok':>4}")
-    for d in r["decode"]:
+    for d in r.get("decode", []):
         name = f"B{d['batch']} ctx{d['context']}"
         lines.append(f"{name:<14}{d.get('num_kv_splits', 0):>7}"
                      f"{_f(d.get('time_us'), '.1f'):>10}{_f(d.get('GBps'), '.0f'):>8}"
@@ -459,12 +563,12 @@ def print_table(r):
                      f"{_f(100 * d.get('hint_frac_copy', float('nan')), '.0f'):>7}"
                      f"{_f(d.get('xla_ref_time_us'), '.0f'):>9}"
                      f"{'y' if d.get('ok') else 'N':>4}")
-    p = r["prefill"]
+    p = r.get("prefill", {"tokens": "-"})
     lines.append(f"prefill {p['tokens']} causal: {_f(p.get('time_ms'), '.2f')} ms "
                  f"{_f(p.get('TFLOPs'), '.0f')} TFLOP/s | cudnn {_f(p.get('cudnn_time_ms'), '.2f')}"
                  f" ms {_f(p.get('cudnn_TFLOPs'), '.0f')} TFLOP/s | xla ref "
                  f"{_f(p.get('xla_ref_time_ms'), '.1f')} ms | ok {'y' if p.get('ok') else 'N'}")
-    m = r["mixed"]
+    m = r.get("mixed", {k: "-" for k in ("decodes", "decode_context", "chunk_tokens")})
     lines.append(f"mixed {m['decodes']}x{m['decode_context']} decode + {m['chunk_tokens']}-token "
                  f"chunk: {_f(m.get('time_us'), '.0f')} us (decodes alone "
                  f"{_f(m.get('decode_only_time_us'), '.0f')}, chunk alone "

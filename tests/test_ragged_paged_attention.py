@@ -22,7 +22,7 @@ from kernels_pallas.ragged_paged_attention import (
     ragged_paged_attention_reference,
     write_kv_to_pages,
 )
-from kernels_pallas.ragged_paged_attention_triton import ragged_paged_attention_pallas
+from kernels_pallas.ragged_paged_attention_triton import KernelConfig, ragged_paged_attention_pallas
 
 ON_GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (jax.default_backend() != 'gpu')")
@@ -190,6 +190,40 @@ def test_decode_only_hint(num_kv_splits, interpret):
                    head_dim=128, page_size=16, dtype=jnp.bfloat16)
     run_and_check(b, jnp.bfloat16, interpret=interpret, max_q_len=1,
                   num_kv_splits=num_kv_splits)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-launch"])
+def test_split_combine(fused, interpret):
+    """Context splits merged by the last split program to arrive (atomic counter) or by a
+    second launch: decode tiles of 1 to 4 tokens, and splits that see no key at all."""
+    rng = np.random.default_rng(91)
+    b = make_batch(rng, [1, 4, 2, 1, 3], [1, 300, 37, 650, 3], num_q_heads=8,
+                   num_kv_heads=2, head_dim=128, page_size=16, dtype=jnp.bfloat16)
+    run_and_check(b, jnp.bfloat16, interpret=interpret, num_kv_splits=6,
+                  fused_combine=fused)
+
+
+# Split-decode configurations the H200 benchmark tunes over (scripts/bench_kernels.py).
+SPLIT_CONFIGS = [KernelConfig(16, 128, 4, 3), KernelConfig(16, 64, 4, 3),
+                 KernelConfig(16, 64, 4, 5), KernelConfig(16, 32, 4, 7)]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("cfg", SPLIT_CONFIGS,
+                         ids=lambda c: f"n{c.block_n}w{c.num_warps}s{c.num_stages}")
+def test_split_decode_configs(cfg):
+    """Every split-decode configuration the benchmark may adopt, compiled, on ragged decode
+    tiles (1 to 4 tokens, partial last pages, many splits)."""
+    rng = np.random.default_rng(101)
+    q_lens = [1, 4, 1, 2, 3, 1]
+    kv_lens = [1, 2000, 777, 130, 4, 3001]
+    b = make_batch(rng, q_lens, kv_lens, num_q_heads=32, num_kv_heads=8, head_dim=128,
+                   page_size=16, dtype=jnp.bfloat16)
+    for fused in (True, False):
+        run_and_check(b, jnp.bfloat16, interpret=False, decode_config=cfg,
+                      num_kv_splits=23, fused_combine=fused)
 
 
 @pytest.mark.parametrize("interpret", MODES)
