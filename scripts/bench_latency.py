@@ -91,6 +91,8 @@ def main():
                                        max_num_batched_tokens=args.max_num_batched_tokens,
                                        max_num_seqs=args.max_num_seqs))
     engine_start = time.perf_counter() - t
+    print(f"engine start (load + compile {len(llm.engine.runner.buckets)} buckets): "
+          f"{engine_start:.1f} s", flush=True)
     eng = llm.engine
     cfg = eng.model_config
     total_bytes, embed_bytes = param_bytes(eng.runner.params)
@@ -114,6 +116,7 @@ def main():
     streamed = total_bytes - (0 if cfg.tie_word_embeddings else embed_bytes)
     bytes_per_step = streamed + kv_bytes_per_token * mean_ctx
     achieved = bytes_per_step * tok_s / 1e9
+    print(f"batch-1 decode: {tok_s:.1f} tok/s, {achieved:.0f} GB/s", flush=True)
 
     # prefill TTFT
     prompt = [9] * args.prefill_len
