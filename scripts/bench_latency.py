@@ -120,7 +120,8 @@ def main():
 
     # prefill TTFT
     prompt = [9] * args.prefill_len
-    llm.generate([prompt[:1024]], SamplingParams(temperature=0, max_tokens=1))
+    # warm the path with other tokens: a shared prefix would be served from the prefix cache
+    llm.generate([[3] * 1024], SamplingParams(temperature=0, max_tokens=1))
     t = time.perf_counter()
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
     ttft = time.perf_counter() - t
