@@ -1,7 +1,7 @@
 """API-key checks: `Authorization: Bearer <key>`, compared in constant time.
 
-HTTP guards the /v1 routes; gRPC guards every method except the standard health service, which
-Kubernetes-style probes call without credentials.
+HTTP guards the /v1 routes (plain /health stays open for probes); gRPC guards every method,
+the standard health service included, so a gRPC probe sends the key as metadata.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import hmac
 import grpc
 
 UNAUTHORIZED_MESSAGE = "Missing or invalid API key: send the header 'Authorization: Bearer <key>'."
-_OPEN_GRPC_SERVICES = ("/grpc.health.v1.Health/",)
 
 
 def key_matches(api_key: str, authorization: str | None) -> bool:
@@ -29,8 +28,6 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
         self.api_key = api_key
 
     async def intercept_service(self, continuation, details):
-        if details.method.startswith(_OPEN_GRPC_SERVICES):
-            return await continuation(details)
         metadata = dict(details.invocation_metadata or ())
         if key_matches(self.api_key, metadata.get("authorization")):
             return await continuation(details)

@@ -113,7 +113,7 @@ def test_tokenize_and_model_info(stub):
 def test_health_and_reflection(channel):
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "fmaas.GenerationService"):
-        resp = health.Check(health_pb2.HealthCheckRequest(service=service))
+        resp = health.Check(health_pb2.HealthCheckRequest(service=service), metadata=AUTH)
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
     reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
     requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
@@ -139,6 +139,9 @@ def test_api_key(stub, channel):
     with pytest.raises(grpc.RpcError) as e:
         list(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
             list_services="")])))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as e:  # every method, health included
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert stub.ModelInfo(req, metadata=AUTH).max_sequence_length == 2048
 
