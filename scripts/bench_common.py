@@ -53,6 +53,18 @@ def copy_bandwidth_gbs(gib: float = 2.0, iters: int = 20) -> float:
     return 2 * x.nbytes * iters / (time.perf_counter() - t) / 1e9
 
 
+def build_llm(args, max_num_seqs: int):
+    """-> (LLM from the benchmark's engine flags, seconds it took: load + compile)."""
+    from atom_jax import LLM
+    from atom_jax.config import EngineConfig
+    t = time.perf_counter()
+    llm = LLM.from_config(EngineConfig(model=args.model, load_format=args.load_format,
+                                       max_model_len=args.max_model_len,
+                                       max_num_batched_tokens=args.max_num_batched_tokens,
+                                       max_num_seqs=max_num_seqs))
+    return llm, time.perf_counter() - t
+
+
 def write_json(path: str, result: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=2))

@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 T_PROCESS_START = time.time()
 
-from scripts.bench_common import copy_bandwidth_gbs, device_name, versions, write_json  # noqa: E402
+from scripts.bench_common import (build_llm, copy_bandwidth_gbs, device_name,  # noqa: E402
+                                  versions, write_json)
 
 
 def param_bytes(params) -> tuple[int, int]:
@@ -33,12 +34,8 @@ def param_bytes(params) -> tuple[int, int]:
 
 def first_token(args) -> None:
     """Child process of --startup: build the engine, generate one token, print the time."""
-    from atom_jax import LLM, SamplingParams
-    from atom_jax.config import EngineConfig
-    llm = LLM.from_config(EngineConfig(model=args.model, load_format=args.load_format,
-                                       max_model_len=args.max_model_len,
-                                       max_num_batched_tokens=args.max_num_batched_tokens,
-                                       max_num_seqs=args.max_num_seqs))
+    from atom_jax import SamplingParams
+    llm, _ = build_llm(args, args.max_num_seqs)
     llm.generate([[11] * 16], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     print(f"FIRST_TOKEN_S {time.time() - T_PROCESS_START:.2f}", flush=True)
 
@@ -82,15 +79,9 @@ def main():
 
     import jax
 
-    from atom_jax import LLM, SamplingParams
-    from atom_jax.config import EngineConfig
+    from atom_jax import SamplingParams
     ceiling = copy_bandwidth_gbs()
-    t = time.perf_counter()
-    llm = LLM.from_config(EngineConfig(model=args.model, load_format=args.load_format,
-                                       max_model_len=args.max_model_len,
-                                       max_num_batched_tokens=args.max_num_batched_tokens,
-                                       max_num_seqs=args.max_num_seqs))
-    engine_start = time.perf_counter() - t
+    llm, engine_start = build_llm(args, args.max_num_seqs)
     print(f"engine start (load + compile {len(llm.engine.runner.buckets)} buckets): "
           f"{engine_start:.1f} s", flush=True)
     eng = llm.engine
@@ -121,7 +112,7 @@ def main():
     # prefill TTFT
     prompt = [9] * args.prefill_len
     # warm the path with other tokens: a shared prefix would be served from the prefix cache
-    llm.generate([[3] * 1024], SamplingParams(temperature=0, max_tokens=1))
+    llm.generate([[3] * min(1024, args.prefill_len)], SamplingParams(temperature=0, max_tokens=1))
     t = time.perf_counter()
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
     ttft = time.perf_counter() - t

@@ -22,15 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def engine_runs(args):
-    from atom_jax import LLM, SamplingParams
-    from atom_jax.engine import EngineConfig
+    from atom_jax import SamplingParams
+    from scripts.bench_common import build_llm
 
-    t0 = time.perf_counter()
-    llm = LLM.from_config(EngineConfig(model=args.model, load_format=args.load_format,
-                                       max_num_seqs=args.streams,
-                                       max_num_batched_tokens=args.max_num_batched_tokens,
-                                       max_model_len=args.max_model_len))
-    startup = time.perf_counter() - t0
+    llm, startup = build_llm(args, args.streams)
     eng = llm.engine
     prompt = [eng.tokenizer.encode(args.prompt)] if args.load_format != "dummy" else [[7] * 32]
     prompt = prompt[0][:args.prompt_len] if len(prompt[0]) >= args.prompt_len else (
@@ -100,18 +95,12 @@ def throughput_run(args) -> dict:
     """One of WORKLOADS with random token ids and ignore_eos, as nano-vllm's bench.py does."""
     import random
 
-    from atom_jax import LLM, SamplingParams
-    from atom_jax.engine import EngineConfig
-    from scripts.bench_common import device_name, versions, write_json
+    from atom_jax import SamplingParams
+    from scripts.bench_common import build_llm, device_name, versions, write_json
 
     n, (in_lo, in_hi), (out_lo, out_hi) = WORKLOADS[args.workload]
     n = args.requests or n
-    t0 = time.perf_counter()
-    llm = LLM.from_config(EngineConfig(model=args.model, load_format=args.load_format,
-                                       max_num_seqs=args.max_num_seqs,
-                                       max_num_batched_tokens=args.max_num_batched_tokens,
-                                       max_model_len=args.max_model_len))
-    startup = time.perf_counter() - t0
+    llm, startup = build_llm(args, args.max_num_seqs)
     rng = random.Random(0)
     vocab = min(llm.engine.model_config.vocab_size, 10000)
     prompts = [[rng.randint(0, vocab - 1) for _ in range(rng.randint(in_lo, in_hi))] for _ in range(n)]
