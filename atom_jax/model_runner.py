@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from atom_jax.sampler import sample_jit
 from atom_jax.scheduler import ScheduledBatch
 
 _BANNED_SLOTS = 16  # per-row token ids masked while a request is below min_tokens
@@ -84,14 +85,13 @@ class ModelRunner:
 
     # ------------------------------------------------------------ batch preparation
 
-    def _bucket(self, num_tokens: int) -> tuple[int, int]:
-        t = next(b for b in self.buckets if b >= num_tokens)
-        return t, min(t, self.max_num_seqs)
+    def _bucket(self, num_tokens: int) -> int:
+        return next(b for b in self.buckets if b >= num_tokens)
 
     def prepare(self, batch: ScheduledBatch):
         """The ragged batch as numpy arrays, vectorized over sequences (this runs every step)."""
         num_seqs, num_tokens = len(batch), batch.num_tokens
-        inputs = self._padded_inputs(self._bucket(num_tokens)[0])
+        inputs = self._padded_inputs(self._bucket(num_tokens))
         qsl, tables = inputs["query_start_loc"], inputs["block_tables"]
         counts = np.asarray(batch.num_new_tokens, np.int32)
         starts = np.fromiter((s.num_computed_tokens for s in batch.seqs), np.int32, num_seqs)
@@ -112,9 +112,9 @@ class ModelRunner:
         inputs["logits_indices"] = np.maximum(qsl[1:] - 1, 0)
         return inputs
 
-    def prepare_sampling(self, batch: ScheduledBatch, s_pad: int):
+    def prepare_sampling(self, batch: ScheduledBatch, s_pad: int, with_penalties: bool | None = None):
         """Per-row sampling arrays (padded rows are greedy), plus the token history when any
-        request uses penalties."""
+        request uses penalties (or when with_penalties says so)."""
         seqs, n = batch.seqs, len(batch)
 
         def column(values, dtype, pad):
@@ -137,7 +137,9 @@ class ModelRunner:
                 banned = (list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids)))
                 sp["banned"][i, :len(banned[:_BANNED_SLOTS])] = banned[:_BANNED_SLOTS]
         history = None
-        if any(p.uses_penalties for p in params):
+        if with_penalties is None:
+            with_penalties = any(p.uses_penalties for p in params)
+        if with_penalties:
             history = np.full((s_pad, self.max_model_len), -1, np.int32)
             for i, seq in enumerate(seqs):
                 history[i, :seq.num_tokens] = seq.token_ids
@@ -150,7 +152,6 @@ class ModelRunner:
     # ------------------------------------------------------------ execution
 
     def run(self, inputs, sp, history, with_logprobs: bool = False):
-        from atom_jax.sampler import sample_jit
         self.kv_cache, logits = _forward_jit(self.module, self.model_config, self.attn_impl,
                                              self.params, self.kv_cache, inputs)
         return sample_jit(logits, sp, history, with_logprobs=with_logprobs)
@@ -171,23 +172,16 @@ class ModelRunner:
     def warmup(self) -> None:
         """Compile every bucket (the model, then the sampler with and without penalties and
         logprobs); arm the guard."""
-        from atom_jax.sampler import sample_jit
         empty = ScheduledBatch([], [])
         for t in tqdm(self.buckets, desc="Compiling shape buckets", unit="bucket"):
             inputs = self._padded_inputs(t)
             s_pad = len(inputs["seq_lens"])
-            sp, _ = self.prepare_sampling(empty, s_pad)
             self.kv_cache, logits = _forward_jit(self.module, self.model_config, self.attn_impl,
                                                  self.params, self.kv_cache, inputs)
-            penalties = dict(sp, prompt_lens=np.zeros(s_pad, np.int32),
-                             repetition=np.ones(s_pad, np.float32),
-                             presence=np.zeros(s_pad, np.float32),
-                             frequency=np.zeros(s_pad, np.float32))
-            history = np.full((s_pad, self.max_model_len), -1, np.int32)
-            for with_logprobs in (False, True):
-                sample_jit(logits, sp, None, with_logprobs=with_logprobs)[0].block_until_ready()
-                sample_jit(logits, penalties, history,
-                           with_logprobs=with_logprobs)[0].block_until_ready()
+            for with_penalties in (False, True):
+                sp, history = self.prepare_sampling(empty, s_pad, with_penalties)
+                for with_logprobs in (False, True):
+                    sample_jit(logits, sp, history, with_logprobs=with_logprobs)[0].block_until_ready()
         self.guard = _CompileGuard()
 
     def _padded_inputs(self, t_pad: int):
