@@ -1,0 +1,146 @@
+"""Turn docs/benchmarks/*.json into docs/benchmarks/README.md with plots.
+
+    python scripts/dashboard.py [--dir docs/benchmarks]
+
+Recognises the JSON of bench_kernels.py, bench_offline.py, bench_latency.py and
+bench_serving.py; each figure names the device and the ceiling or peer of its own run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def load(directory: Path) -> dict[str, list[tuple[str, dict]]]:
+    kinds: dict[str, list[tuple[str, dict]]] = {"kernels": [], "offline": [], "latency": [], "serving": []}
+    for path in sorted(directory.glob("*.json")):
+        data = json.loads(path.read_text())
+        if "decode" in data and "copy_bandwidth" in data:
+            kinds["kernels"].append((path.name, data))
+        elif str(data.get("benchmark", "")).startswith("offline"):
+            kinds["offline"].append((path.name, data))
+        elif data.get("benchmark") == "latency":
+            kinds["latency"].append((path.name, data))
+        elif data.get("backend") == "openai":
+            kinds["serving"].append((path.name, data))
+    return kinds
+
+
+def kernel_section(name, data, out_dir: Path) -> list[str]:
+    info = data["info"]
+    copy = data["copy_bandwidth"].get("copy_GBps")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for ctx in sorted({d["context"] for d in data["decode"]}):
+        rows = sorted((d for d in data["decode"] if d["context"] == ctx and "frac_copy" in d),
+                      key=lambda d: d["batch"])
+        ax.plot([d["batch"] for d in rows], [100 * d["frac_copy"] for d in rows], "o-",
+                label=f"context {ctx}")
+    ax.set(xscale="log", xlabel="batch (sequences)", ylabel="% of device copy bandwidth",
+           title=f"Paged attention decode, {info['device']}")
+    ax.legend()
+    png = Path(name).with_suffix(".png").name
+    fig.tight_layout()
+    fig.savefig(out_dir / png, dpi=110)
+    plt.close(fig)
+    sh = info["shapes"]
+    shapes = (f"{sh['num_q_heads']} query / {sh['num_kv_heads']} KV heads, head_dim "
+              f"{sh['head_dim']}, page {sh['page_size']}, {sh['dtype']}")
+    lines = [f"### Ragged paged attention kernel ({name})", "",
+             f"{info['device']}, jax {info['jax']}, {shapes}; copy bandwidth "
+             f"{copy:.0f} GB/s measured in the same run.", "", f"![decode bandwidth]({png})", "",
+             "| decode | time (us) | GB/s | % of copy |", "|---|---|---|---|"]
+    lines += [f"| B{d['batch']} ctx{d['context']} | {d['time_us']:.1f} | {d['GBps']:.0f} | "
+              f"{100 * d['frac_copy']:.0f} |" for d in data["decode"] if "time_us" in d]
+    p = data.get("prefill", {})
+    if "TFLOPs" in p:
+        lines += ["", f"Causal prefill of {p['tokens']} tokens: {p['TFLOPs']:.0f} TFLOP/s "
+                      f"(cuDNN in the same run: {p.get('cudnn_TFLOPs', float('nan')):.0f})."]
+    return lines + [""]
+
+
+def offline_section(name, data, out_dir: Path) -> list[str]:
+    lines = [f"### Offline throughput ({name})", ""]
+    if "atom_jax" in data:  # streams mode: atom-jax against transformers
+        engines = {"atom-jax": data["atom_jax"]}
+        if data.get("transformers"):
+            engines["transformers"] = data["transformers"]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for label, res in engines.items():
+            pts = [(res[k]["streams"], res[k]["output_tok_per_s"]) for k in ("single", "multi")]
+            ax.plot(*zip(*pts), "o-", label=label)
+        ax.set(xscale="log", xlabel="concurrent streams", ylabel="output tokens/s",
+               title=f"Offline throughput, {data['device']}")
+        ax.legend()
+        png = Path(name).with_suffix(".png").name
+        fig.tight_layout()
+        fig.savefig(out_dir / png, dpi=110)
+        plt.close(fig)
+        lines += [f"{data['model']} on {data['device']} ({data.get('cpus')} CPUs).", "",
+                  f"![throughput]({png})", "",
+                  "| engine | 1 stream tok/s | " + f"{data['streams']} streams tok/s |", "|---|---|---|"]
+        lines += [f"| {k} | {v['single']['output_tok_per_s']:.1f} | {v['multi']['output_tok_per_s']:.1f} |"
+                  for k, v in engines.items()]
+    else:
+        lines += [f"{data['requests']} requests on {data['device']}: "
+                  f"{data['output_tok_per_s']:.0f} output tok/s, {data['total_tok_per_s']:.0f} total tok/s."]
+    return lines + [""]
+
+
+def latency_section(name, data) -> list[str]:
+    d, p = data["decode"], data["prefill"]
+    lines = [f"### Latency ({name})", "", f"{data['model']} ({data['dtype']}, {data['load_format']} weights) "
+             f"on {data['device']}; copy bandwidth {data['copy_bandwidth_gbs']:.0f} GB/s in the same run.", "",
+             f"- batch-1 decode: {d['tokens_per_s']:.1f} tokens/s, {d['achieved_gbs']:.0f} GB/s "
+             f"({100 * d['fraction_of_copy_bandwidth']:.0f}% of copy)",
+             f"- prefill of {p['tokens']} tokens: TTFT {1000 * p['ttft_s']:.0f} ms",
+             f"- engine start (load + compile): {data['engine_start_s']:.0f} s"]
+    lines += [f"- note: {n}" for n in data.get("notes", [])]
+    return lines + [""]
+
+
+def serving_section(runs, out_dir: Path) -> list[str]:
+    runs = sorted(runs, key=lambda r: r[1].get("max_concurrency") or r[1].get("request_rate") or 0)
+    xs = [r[1].get("max_concurrency") or r[1].get("request_rate") for _, r in runs]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.plot(xs, [r["output_throughput"] for _, r in runs], "o-")
+    a.set(xlabel="concurrency (or request rate)", ylabel="output tokens/s", title="Serving throughput")
+    for key in ("ttft", "tpot", "itl"):
+        pcts = sorted(k for k in runs[0][1] if k.startswith("p") and k.endswith(f"_{key}_ms"))
+        for k in pcts:
+            b.plot(xs, [r.get(k, float("nan")) for _, r in runs], "o-", label=k[:-3])
+    b.set(xlabel="concurrency (or request rate)", ylabel="ms", title="Latency percentiles")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "serving.png", dpi=110)
+    plt.close(fig)
+    return ["### Serving", "", "![serving](serving.png)", ""]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dir", default="docs/benchmarks")
+    args = ap.parse_args(argv)
+    directory = Path(args.dir)
+    kinds = load(directory)
+    lines = ["# Benchmarks", "", "Made by `python scripts/dashboard.py` from the JSON files here; "
+             "each comes from a script in scripts/ and names its device, versions and shapes.", ""]
+    for name, data in kinds["kernels"]:
+        lines += kernel_section(name, data, directory)
+    for name, data in kinds["latency"]:
+        lines += latency_section(name, data)
+    for name, data in kinds["offline"]:
+        lines += offline_section(name, data, directory)
+    if kinds["serving"]:
+        lines += serving_section(kinds["serving"], directory)
+    (directory / "README.md").write_text("\n".join(lines))
+    print(f"wrote {directory / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()
