@@ -56,6 +56,9 @@ class EngineCore:
         self.eos_token_ids = tuple(sorted(eos))
 
         cap = model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > cap:
+            raise ValueError(f"max_model_len ({config.max_model_len}) is larger than the model's "
+                             f"max_position_embeddings ({cap})")
         self.max_model_len = config.max_model_len or (cap if on_gpu else min(cap, 2048))
         max_num_seqs = config.max_num_seqs or (256 if on_gpu else 32)
         budget = config.max_num_batched_tokens or (8192 if on_gpu else 256)

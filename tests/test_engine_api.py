@@ -136,3 +136,8 @@ def test_out_of_range_values_are_refused_or_folded(llm):
     big = SamplingParams(temperature=1.0, seed=-(2**40), top_k=2**40, max_tokens=3, ignore_eos=True)
     assert len(llm.generate("Hi", big)[0].outputs[0].token_ids) == 3
     assert_all_blocks_free(llm)
+
+
+def test_max_model_len_past_the_model_is_refused():
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(max_model_len=10**6)  # SmolLM2 has 8192 positions
