@@ -32,6 +32,13 @@ def load(directory: Path) -> dict[str, list[tuple[str, dict]]]:
     return kinds
 
 
+def save_figure(fig, out_dir: Path, png: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out_dir / png, dpi=110)
+    plt.close(fig)
+    return png
+
+
 def kernel_section(name, data, out_dir: Path) -> list[str]:
     info = data["info"]
     copy = data["copy_bandwidth"].get("copy_GBps")
@@ -44,10 +51,7 @@ def kernel_section(name, data, out_dir: Path) -> list[str]:
     ax.set(xscale="log", xlabel="batch (sequences)", ylabel="% of device copy bandwidth",
            title=f"Paged attention decode, {info['device']}")
     ax.legend()
-    png = Path(name).with_suffix(".png").name
-    fig.tight_layout()
-    fig.savefig(out_dir / png, dpi=110)
-    plt.close(fig)
+    png = save_figure(fig, out_dir, Path(name).with_suffix(".png").name)
     sh = info["shapes"]
     shapes = (f"{sh['num_q_heads']} query / {sh['num_kv_heads']} KV heads, head_dim "
               f"{sh['head_dim']}, page {sh['page_size']}, {sh['dtype']}")
@@ -77,10 +81,7 @@ def offline_section(name, data, out_dir: Path) -> list[str]:
         ax.set(xscale="log", xlabel="concurrent streams", ylabel="output tokens/s",
                title=f"Offline throughput, {data['device']}")
         ax.legend()
-        png = Path(name).with_suffix(".png").name
-        fig.tight_layout()
-        fig.savefig(out_dir / png, dpi=110)
-        plt.close(fig)
+        png = save_figure(fig, out_dir, Path(name).with_suffix(".png").name)
         lines += [f"{data['model']} on {data['device']} ({data.get('cpus')} CPUs).", "",
                   f"![throughput]({png})", "",
                   "| engine | 1 stream tok/s | " + f"{data['streams']} streams tok/s |", "|---|---|---|"]
@@ -116,10 +117,8 @@ def serving_section(runs, out_dir: Path) -> list[str]:
             b.plot(xs, [r.get(k, float("nan")) for _, r in runs], "o-", label=k[:-3])
     b.set(xlabel="concurrency (or request rate)", ylabel="ms", title="Latency percentiles")
     b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "serving.png", dpi=110)
-    plt.close(fig)
-    return ["### Serving", "", "![serving](serving.png)", ""]
+    png = save_figure(fig, out_dir, "serving.png")
+    return ["### Serving", "", f"![serving]({png})", ""]
 
 
 def main(argv=None):
