@@ -16,3 +16,15 @@ def test_dashboard_renders_every_committed_result(tmp_path):
         assert f"({path.name})" in readme  # every result has its section
     for image in ("kernels-h200.png", "offline-cpu.png"):
         assert (tmp_path / image).stat().st_size > 1000 and f"]({image})" in readme
+
+
+def test_dashboard_plots_serving_runs_against_concurrency(tmp_path):
+    import json
+    for concurrency, tput in ((1, 50.0), (8, 300.0)):  # the shape bench_serving.py writes
+        run = {"backend": "openai", "max_concurrency": concurrency, "request_rate": None,
+               "output_throughput": tput, "p99_ttft_ms": 10.0 * concurrency,
+               "p99_tpot_ms": 5.0, "p99_itl_ms": 5.0}
+        (tmp_path / f"serving-c{concurrency}.json").write_text(json.dumps(run))
+    main(["--dir", str(tmp_path)])
+    assert "![serving](serving.png)" in (tmp_path / "README.md").read_text()
+    assert (tmp_path / "serving.png").stat().st_size > 1000
