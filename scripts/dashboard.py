@@ -107,7 +107,7 @@ def latency_section(name, data) -> list[str]:
 
 def serving_section(runs, out_dir: Path) -> list[str]:
     runs = sorted(runs, key=lambda r: r[1].get("max_concurrency") or r[1].get("request_rate") or 0)
-    xs = [r[1].get("max_concurrency") or r[1].get("request_rate") for _, r in runs]
+    xs = [r.get("max_concurrency") or r.get("request_rate") for _, r in runs]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     a.plot(xs, [r["output_throughput"] for _, r in runs], "o-")
     a.set(xlabel="concurrency (or request rate)", ylabel="output tokens/s", title="Serving throughput")
