@@ -5,6 +5,7 @@ already in the compute dtype. Tensors are mapped one at a time, under a progress
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -68,10 +69,10 @@ def _flat_shapes(shapes) -> dict:
     return flat
 
 
-def _assign(params, shapes, path, array: np.ndarray, transpose: bool, dtype, source: str):
+def _assign(params, flat_shapes, path, array: np.ndarray, transpose: bool, dtype, source: str):
     if transpose:
         array = array.T
-    expected = _flat_shapes(shapes)[path]
+    expected = flat_shapes[path]
     if tuple(array.shape) != expected:
         raise ValueError(f"checkpoint: tensor {source!r} has shape {tuple(array.shape)}, "
                          f"expected {expected}")
@@ -107,7 +108,7 @@ def load_hf(directory: Path, dtype) -> tuple[ModelConfig, dict]:
         raise ValueError(f"checkpoint: no *.safetensors files in {directory}")
 
     wanted = {hf_name: (path, transpose) for path, (hf_name, transpose) in names.items()}
-    params = _empty_tree(shapes)
+    params, flat_shapes = _empty_tree(shapes), _flat_shapes(shapes)
     with tqdm(total=len(wanted), desc="Loading weights", unit="tensor") as bar:
         for fname in files:
             try:
@@ -115,12 +116,11 @@ def load_hf(directory: Path, dtype) -> tuple[ModelConfig, dict]:
                     for key in f.keys():
                         if key in wanted:
                             path, transpose = wanted.pop(key)
-                            _assign(params, shapes, path, _read_tensor(f, key), transpose,
+                            _assign(params, flat_shapes, path, _read_tensor(f, key), transpose,
                                     dtype, key)
                             bar.update()
             except (SafetensorError, OSError) as e:
                 raise ValueError(f"checkpoint: cannot read {directory / fname}: {e}") from e
-    wanted.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
     if wanted:
         raise ValueError(f"checkpoint: missing tensors in {directory}: {sorted(wanted)[:5]}")
     return cfg, params
@@ -137,7 +137,6 @@ def _read_tensor(f, key) -> np.ndarray:
 
 
 def _with_eos(cfg: ModelConfig, eos) -> ModelConfig:
-    import dataclasses
     eos = tuple(eos) if isinstance(eos, list) else (eos,)
     return dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + eos)))
 
@@ -206,11 +205,10 @@ def load_gguf(file: Path, dtype) -> tuple[ModelConfig, dict]:
     tensors = {t.name: t for t in reader.tensors}
     cfg = gguf_config(gguf_metadata(reader), set(tensors))
     if cfg.vocab_size is None and "token_embd.weight" in tensors:
-        import dataclasses
         cfg = dataclasses.replace(cfg, vocab_size=int(tensors["token_embd.weight"].shape[-1]))
     module = get_model_module(cfg)
     shapes = module.param_shapes(cfg)
-    params = _empty_tree(shapes)
+    params, flat_shapes = _empty_tree(shapes), _flat_shapes(shapes)
     names = module.gguf_weight_names(cfg)
     for path, (gname, transpose) in tqdm(names.items(), desc="Loading weights", unit="tensor"):
         if gname not in tensors:
@@ -222,7 +220,7 @@ def load_gguf(file: Path, dtype) -> tuple[ModelConfig, dict]:
                 w = _unpermute_rope(w, cfg.num_heads)
             elif ".attn_k." in gname:
                 w = _unpermute_rope(w, cfg.num_kv_heads)
-        _assign(params, shapes, path, w, transpose, dtype, gname)
+        _assign(params, flat_shapes, path, w, transpose, dtype, gname)
     return cfg, params
 
 
