@@ -32,6 +32,7 @@ from typing import Any
 
 from atom_jax.outputs import StepDelta
 from atom_jax.sampling_params import SamplingParams
+from atom_jax.tokenizer import check_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -192,14 +193,7 @@ class AsyncLLM:
             if not prompt:
                 raise ValueError("prompt must not be empty")
             return self.tokenize(prompt)
-        ids = list(prompt)
-        if not ids:
-            raise ValueError("prompt must not be empty")
-        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool)
-               or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt: {bad[:3]} are not token ids in [0, {self.vocab_size})")
-        return ids
+        return check_token_ids(prompt, self.vocab_size, "prompt")
 
     def check_params(self, params: SamplingParams) -> SamplingParams:
         """Validate sampling parameters and bring them into the ranges the sampler can hold."""

@@ -18,7 +18,7 @@ from atom_jax.outputs import CompletionOutput, RequestOutput, StepDelta
 from atom_jax.sampling_params import SamplingParams
 from atom_jax.scheduler import Scheduler
 from atom_jax.sequence import Sequence
-from atom_jax.tokenizer import load_tokenizer
+from atom_jax.tokenizer import check_token_ids, load_tokenizer
 from models import get_model_module
 
 logger = logging.getLogger(__name__)
@@ -114,14 +114,7 @@ class EngineCore:
             if self.tokenizer is None:
                 raise ValueError("prompt: this model has no tokenizer; pass token ids")
             return self.tokenizer.encode(prompt, add_special_tokens=True)
-        ids = list(prompt)
-        if not ids:
-            raise ValueError("prompt must not be empty")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt_token_ids: {bad[:3]} are not token ids in [0, {vocab})")
-        return ids
+        return check_token_ids(prompt, self.model_config.vocab_size, "prompt_token_ids")
 
     def check_params(self, params: SamplingParams) -> SamplingParams:
         """Validate params against this model too (raises ValueError naming the field)."""

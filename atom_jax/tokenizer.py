@@ -21,6 +21,18 @@ def load_tokenizer(kind: str, path: Path):
         raise ValueError(f"model: cannot load a tokenizer from {path}: {e}") from e
 
 
+def check_token_ids(prompt, vocab_size: int, name: str) -> list[int]:
+    """A prompt given as token ids, checked: non-empty, every id an int in the vocabulary."""
+    ids = list(prompt)
+    if not ids:
+        raise ValueError("prompt must not be empty")
+    bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool)
+           or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{name}: {bad[:3]} are not token ids in [0, {vocab_size})")
+    return ids
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, never splitting a UTF-8 character
     (a delta is held back while the decoded text ends in U+FFFD)."""
