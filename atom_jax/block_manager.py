@@ -97,11 +97,12 @@ class BlockManager:
         seq.block_hashes = []
 
     def register_full_blocks(self, seq: Sequence) -> None:
-        """Make the blocks that became full (K/V computed) findable by later requests."""
+        """Make the blocks that became full (K/V computed, every token known) findable by
+        later requests."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        num_full = min(min(seq.num_computed_tokens, seq.num_known_tokens) // bs, len(seq.block_table))
         for i in range(len(seq.block_hashes), num_full):
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             h = self._hash(parent, seq.token_ids[i * bs:(i + 1) * bs])

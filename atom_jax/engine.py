@@ -79,6 +79,7 @@ class EngineCore:
             self.runner.warmup()
         self.requests: dict[str, _Request] = {}
         self._seq_to_request: dict[str, tuple[_Request, int]] = {}
+        self._in_flight = None  # (LaunchedStep, what Scheduler.advance returned) of the last step
         self._seeds = random.Random(config.seed)
         self._ids = itertools.count()
 
@@ -166,31 +167,56 @@ class EngineCore:
             self._seq_to_request.pop(seq.seq_id, None)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ------------------------------------------------------------ stepping
 
     def step(self) -> list[StepDelta]:
+        """Queue the next step, then collect the one before it.
+
+        The next step is scheduled and launched before the previous step's tokens reach the
+        host (they are read on the device), so host work overlaps the device; the deltas
+        returned are those of the previous step. A sequence that stops (eos, stop string) is
+        thus computed one step too many, and that token is dropped."""
+        if self._in_flight is not None and self._must_wait_for_tokens():
+            deltas = self._collect()
+        else:
+            deltas = []
         batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return []
-        tokens, token_lps, top_ids, top_lps = self.runner.execute(batch)
-        rows = {seq.seq_id: i for i, seq in enumerate(batch.seqs)}
+        launched = None
+        if batch.seqs:
+            launched = self.runner.launch(batch), self.scheduler.advance(batch)
+        if self._in_flight is not None:
+            deltas += self._collect()
+        self._in_flight = launched
+        return deltas
+
+    def _must_wait_for_tokens(self) -> bool:
+        # Penalties need every generated token on the host to build the token history.
+        return any(seq.num_pending and seq.params.uses_penalties for seq in self.scheduler.running)
+
+    def _collect(self) -> list[StepDelta]:
+        launched, produced = self._in_flight
+        self._in_flight = None
+        tokens, token_lps, top_ids, top_lps = launched.fetch()
         deltas = []
-        for seq, token in self.scheduler.update(batch, tokens):
-            req, index = self._seq_to_request[seq.seq_id]
+        for row, seq, index in produced:
+            if seq.is_finished:  # aborted or stopped while this step was in flight
+                continue
+            token = int(tokens[row])
+            self.scheduler.resolve(seq, index, token)
+            req, i = self._seq_to_request[seq.seq_id]
             lp = None
             if seq.params.logprobs is not None:
-                r = rows[seq.seq_id]
-                lp = {int(token): float(token_lps[r])}
-                for tid, val in list(zip(top_ids[r], top_lps[r]))[:seq.params.logprobs]:
+                lp = {token: float(token_lps[row])}
+                for tid, val in list(zip(top_ids[row], top_lps[row]))[:seq.params.logprobs]:
                     lp.setdefault(int(tid), float(val))
                 seq.output_logprobs.append(lp)
-            text, reason, stop_reason = req.outputs[index].append(token)
+            text, reason, stop_reason = req.outputs[i].append(token, index)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 seq.stop_reason = stop_reason
-            deltas.append(StepDelta(req.request_id, index, [token], text,
+            deltas.append(StepDelta(req.request_id, i, [token], text,
                                     [lp] if lp is not None else None, reason is not None,
                                     reason, stop_reason))
         return deltas

@@ -60,11 +60,29 @@ def token_buckets(max_tokens: int, smallest: int = 4) -> list[int]:
     return buckets + [max_tokens]
 
 
-def _forward_step(module, cfg, attn_impl, params, kv_cache, batch):
+def _forward_step(module, cfg, attn_impl, params, kv_cache, batch, last_tokens):
+    # A token sampled by the step still in flight is read from that step's output on device.
+    batch = dict(batch)
+    src = batch.pop("prev_index")
+    batch["input_ids"] = jnp.where(src >= 0, last_tokens[jnp.maximum(src, 0)], batch["input_ids"])
     return module.forward(params, kv_cache, batch, cfg, attn_impl)
 
 
 _forward_jit = jax.jit(_forward_step, static_argnums=(0, 1, 2), donate_argnums=(4,))
+
+
+class LaunchedStep:
+    """A step queued on the device: its outputs are fetched only when needed."""
+
+    def __init__(self, batch: ScheduledBatch, outputs, with_logprobs: bool):
+        self.batch, self.outputs, self.with_logprobs = batch, outputs, with_logprobs
+
+    def fetch(self):
+        """-> (tokens, token logprobs, top ids, top logprobs) as numpy, one row per sequence
+        (waits for the device)."""
+        n = len(self.batch)
+        out = [np.asarray(x)[:n] for x in self.outputs]
+        return tuple(out) if self.with_logprobs else (out[0], None, None, None)
 
 
 class ModelRunner:
@@ -81,6 +99,10 @@ class ModelRunner:
         shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
         self.kv_cache = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
                          for _ in range(model_config.num_layers)]
+        # The last launched step's sampled tokens (padded to max_num_seqs rows) and the row
+        # of each sequence in it, so the next step can start before they reach the host.
+        self.last_tokens = jnp.zeros(max_num_seqs, jnp.int32)
+        self.last_rows: dict[str, int] = {}
         self.guard = None  # armed by warmup()
 
     # ------------------------------------------------------------ batch preparation
@@ -107,6 +129,14 @@ class ModelRunner:
         row = np.repeat(np.arange(num_seqs), counts)
         pos = np.arange(num_tokens, dtype=np.int32) - qsl[row] + starts[row]
         inputs["positions"][:num_tokens] = pos
+        ids = inputs["input_ids"][:num_tokens]
+        if (ids < 0).any():  # placeholders: tokens of the step in flight, by their row there
+            src = np.array([self.last_rows.get(seq.seq_id, -1) for seq in batch.seqs], np.int32)
+            waiting = ids < 0
+            inputs["prev_index"][:num_tokens] = np.where(waiting, src[row], -1)
+            if (inputs["prev_index"][:num_tokens][waiting] < 0).any():
+                raise RuntimeError("a placeholder token is not from the step in flight")
+            ids[waiting] = 0
         bs = self.block_size
         inputs["slot_mapping"][:num_tokens] = tables[row, pos // bs] * bs + pos % bs
         inputs["logits_indices"] = np.maximum(qsl[1:] - 1, 0)
@@ -151,37 +181,50 @@ class ModelRunner:
 
     # ------------------------------------------------------------ execution
 
-    def run(self, inputs, sp, history, with_logprobs: bool = False):
+    def run(self, inputs, sp, history, with_logprobs: bool = False, all_greedy: bool = False):
+        """Queue the model and the sampler; returns device arrays (tokens padded to
+        max_num_seqs rows first)."""
         self.kv_cache, logits = _forward_jit(self.module, self.model_config, self.attn_impl,
-                                             self.params, self.kv_cache, inputs)
-        return sample_jit(logits, sp, history, with_logprobs=with_logprobs)
+                                             self.params, self.kv_cache, inputs, self.last_tokens)
+        out = sample_jit(logits, sp, history, with_logprobs=with_logprobs,
+                         all_greedy=all_greedy and history is None, num_rows=self.max_num_seqs)
+        self.last_tokens = out[0]
+        return out
 
-    def execute(self, batch: ScheduledBatch):
-        """-> (tokens, token logprobs, top ids, top logprobs) as numpy, one row per sequence."""
+    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Prepare and queue one step without waiting for it."""
         inputs = self.prepare(batch)
         sp, history = self.prepare_sampling(batch, len(inputs["seq_lens"]))
         with_logprobs = any(seq.params.logprobs is not None for seq in batch.seqs)
+        all_greedy = all(seq.params.temperature == 0 for seq in batch.seqs)
         if self.guard is None:
-            out = self.run(inputs, sp, history, with_logprobs)
+            out = self.run(inputs, sp, history, with_logprobs, all_greedy)
         else:
             with self.guard:
-                out = self.run(inputs, sp, history, with_logprobs)
-        out = [np.asarray(x)[:len(batch)] for x in out]
-        return tuple(out) if with_logprobs else (out[0], None, None, None)
+                out = self.run(inputs, sp, history, with_logprobs, all_greedy)
+        self.last_rows = {seq.seq_id: i for i, seq in enumerate(batch.seqs)}
+        return LaunchedStep(batch, out, with_logprobs)
+
+    def execute(self, batch: ScheduledBatch):
+        """Run one step and wait for it: (tokens, token logprobs, top ids, top logprobs)."""
+        return self.launch(batch).fetch()
 
     def warmup(self) -> None:
-        """Compile every bucket (the model, then the sampler with and without penalties and
-        logprobs); arm the guard."""
+        """Compile every bucket (the model, then the sampler: greedy-only or general, with and
+        without penalties and logprobs); arm the guard."""
         empty = ScheduledBatch([], [])
         for t in tqdm(self.buckets, desc="Compiling shape buckets", unit="bucket"):
             inputs = self._padded_inputs(t)
             s_pad = len(inputs["seq_lens"])
             self.kv_cache, logits = _forward_jit(self.module, self.model_config, self.attn_impl,
-                                                 self.params, self.kv_cache, inputs)
-            for with_penalties in (False, True):
+                                                 self.params, self.kv_cache, inputs,
+                                                 self.last_tokens)
+            for with_penalties, all_greedy in ((False, True), (False, False), (True, False)):
                 sp, history = self.prepare_sampling(empty, s_pad, with_penalties)
                 for with_logprobs in (False, True):
-                    sample_jit(logits, sp, history, with_logprobs=with_logprobs)[0].block_until_ready()
+                    sample_jit(logits, sp, history, with_logprobs=with_logprobs,
+                               all_greedy=all_greedy, num_rows=self.max_num_seqs
+                               )[0].block_until_ready()
         self.guard = _CompileGuard()
 
     def _padded_inputs(self, t_pad: int):
@@ -192,4 +235,5 @@ class ModelRunner:
                     query_start_loc=np.zeros(s_pad + 1, np.int32),
                     seq_lens=np.zeros(s_pad, np.int32),
                     block_tables=np.zeros((s_pad, self.max_blocks_per_seq), np.int32),
-                    logits_indices=np.zeros(s_pad, np.int32))
+                    logits_indices=np.zeros(s_pad, np.int32),
+                    prev_index=np.full(t_pad, -1, np.int32))

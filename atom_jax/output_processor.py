@@ -18,10 +18,11 @@ class SequenceOutput:
         # Hold back enough characters that a stop string split across steps is never streamed.
         self.holdback = max((len(s) for s in self.params.stop), default=1) - 1
 
-    def append(self, token: int) -> tuple[str, str | None, int | str | None]:
-        """Account for a new token: -> (new text to hand out, finish reason, stop reason)."""
+    def append(self, token: int, index: int) -> tuple[str, str | None, int | str | None]:
+        """Account for the token at position `index` of the sequence (later ones may still be
+        in flight): -> (new text to hand out, finish reason, stop reason)."""
         seq, p = self.seq, self.params
-        n_out = seq.num_output_tokens
+        n_out = index + 1 - seq.num_prompt_tokens
         can_stop = n_out >= p.min_tokens
         reason, stop_reason = None, None
         if can_stop and not p.ignore_eos and token in self.eos_token_ids:
@@ -32,7 +33,7 @@ class SequenceOutput:
             self.text += self.detok.add(token)
             if can_stop and p.stop:
                 reason, stop_reason = self._check_stop_strings()
-        if reason is None and (n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
+        if reason is None and (n_out >= seq.max_tokens or index + 1 >= self.max_model_len):
             reason = "length"
             self.text += self.detok.flush()
         return self._take(final=reason is not None), reason, stop_reason

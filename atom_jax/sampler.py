@@ -6,7 +6,6 @@ Logprobs are those of the model's raw distribution (before penalties and tempera
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -48,11 +47,15 @@ def _filtered_sample(logits, temperature, top_k, top_p, min_p, keys):
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
 
 
-def sample(logits, sp: dict, history=None, with_logprobs: bool = True):
+def sample(logits, sp: dict, history=None, with_logprobs: bool = True, all_greedy: bool = False,
+           num_rows: int | None = None):
     """logits [S, V] float32; sp: per-row arrays temperature, top_k, top_p, min_p, seed, step, banned [S, B],
     and (with history) repetition, presence, frequency, prompt_lens.
-    Returns tokens [S], their logprobs [S], top ids [S, K], top logprobs [S, K]; without
-    with_logprobs only the tokens (the full-vocabulary top-k is skipped)."""
+    Returns tokens [num_rows or S] (zero padded), their logprobs [S], top ids [S, K], top
+    logprobs [S, K]; without with_logprobs only the tokens (the full-vocabulary top-k is skipped).
+    all_greedy (every temperature is 0, known on the host) skips the sorting path; it is a
+    static choice rather than a lax.cond because a device-side branch makes the host wait for
+    the model step, which would stop the next step from being queued behind it."""
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     # Tokens a request may not produce yet (eos and stop ids below min_tokens); -1 pads.
     s, v = logits.shape
@@ -62,20 +65,19 @@ def sample(logits, sp: dict, history=None, with_logprobs: bool = True):
     if history is not None:
         logits = apply_penalties(logits, history, sp["prompt_lens"], sp["repetition"],
                                  sp["presence"], sp["frequency"])
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.PRNGKey(seed), step))(
-        sp["seed"], sp["step"])
-    sampled = jax.lax.cond(
-        jnp.all(sp["temperature"] == 0),
-        lambda: greedy,
-        lambda: _filtered_sample(logits, sp["temperature"], sp["top_k"], sp["top_p"],
-                                 sp["min_p"], keys).astype(jnp.int32))
-    tokens = jnp.where(sp["temperature"] == 0, greedy, sampled)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if not all_greedy:
+        keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.PRNGKey(seed), step))(
+            sp["seed"], sp["step"])
+        sampled = _filtered_sample(logits, sp["temperature"], sp["top_k"], sp["top_p"],
+                                   sp["min_p"], keys).astype(jnp.int32)
+        tokens = jnp.where(sp["temperature"] == 0, tokens, sampled)
+    padded = tokens if num_rows is None else jnp.zeros(num_rows, jnp.int32).at[:s].set(tokens)
     if not with_logprobs:
-        return (tokens,)
+        return (padded,)
     token_logprobs = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top_lp, top_ids = jax.lax.top_k(logprobs, MAX_TOP_LOGPROBS)
-    return tokens, token_logprobs, top_ids.astype(jnp.int32), top_lp
+    return padded, token_logprobs, top_ids.astype(jnp.int32), top_lp
 
 
-sample_jit = jax.jit(sample, static_argnames=("with_logprobs",))
+sample_jit = jax.jit(sample, static_argnames=("with_logprobs", "all_greedy", "num_rows"))

@@ -12,7 +12,7 @@ import dataclasses
 from collections import deque
 
 from atom_jax.block_manager import BlockManager
-from atom_jax.sequence import Sequence, SequenceStatus
+from atom_jax.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 
 @dataclasses.dataclass
@@ -52,6 +52,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.awaiting_last_token:
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not bm.try_allocate(seq, n):
                 victim = self.running.pop()
@@ -98,17 +101,25 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def update(self, batch: ScheduledBatch, sampled: list[int]) -> list[tuple[Sequence, int]]:
-        """Record the step's work; returns (sequence, new token) for sequences that produced one
-        (a prefill chunk that does not reach the end of the prompt produces none)."""
+    def advance(self, batch: ScheduledBatch) -> list[tuple[int, Sequence, int]]:
+        """Account for a launched step before its tokens are known, so the next step can be
+        scheduled behind it: every sequence that will sample a token gets a PLACEHOLDER.
+        Returns (batch row, sequence, token index) for each of them (a prefill chunk that
+        does not reach the end of the prompt samples nothing)."""
         produced = []
-        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
+        for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             seq.num_computed_tokens += n
-            self.block_manager.register_full_blocks(seq)
             if seq.num_computed_tokens == seq.num_tokens:
-                seq.token_ids.append(int(token))
-                produced.append((seq, int(token)))
+                produced.append((row, seq, seq.num_tokens))
+                seq.token_ids.append(PLACEHOLDER)
+                seq.num_pending += 1
         return produced
+
+    def resolve(self, seq: Sequence, index: int, token: int) -> None:
+        """The token sampled for position `index` arrived from the device."""
+        seq.token_ids[index] = token
+        seq.num_pending -= 1
+        self.block_manager.register_full_blocks(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Remove a sequence wherever it is (finished, stopped or aborted) and free its blocks."""
@@ -121,3 +132,6 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        # Tokens of steps still in flight are dropped: the sequence ends where it stopped.
+        del seq.token_ids[seq.num_known_tokens:]
+        seq.num_pending = 0

@@ -7,6 +7,9 @@ import time
 from atom_jax.sampling_params import SamplingParams
 
 
+PLACEHOLDER = -1  # a sampled token still on the device: the step that samples it is in flight
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -24,7 +27,8 @@ class Sequence:
         self.seed = seed  # every request samples from its own stream, so batching never matters
         self.max_tokens = max_tokens
         self.status = SequenceStatus.WAITING
-        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache (or being written)
+        self.num_pending = 0  # trailing PLACEHOLDER tokens: sampled by steps not yet collected
         self.num_cached_tokens = -1  # prefix-cache hit at first admission; -1 until admitted
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks registered so far
@@ -38,6 +42,15 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_known_tokens(self) -> int:
+        return len(self.token_ids) - self.num_pending
+
+    @property
+    def awaiting_last_token(self) -> bool:
+        """Its last token is already being sampled: nothing more to schedule."""
+        return self.num_output_tokens >= self.max_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
