@@ -23,6 +23,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "pallas"])
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--compile-threads", type=int, default=None,
+                   help="programs compiled at once at start-up (default: 1 on CPU, 8 on GPU)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

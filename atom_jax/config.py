@@ -19,11 +19,13 @@ class EngineConfig:
     attn_impl: str = "auto"  # auto | xla | pallas
     seed: int = 0  # seeds the per-request seeds of requests that give none
     compile_at_startup: bool = True  # compile every shape bucket before serving, then forbid compiles
+    compile_threads: int | None = None  # programs compiled at once; None: 1 on CPU, 8 on GPU
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks"):
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks",
+                     "compile_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

@@ -5,6 +5,7 @@ import itertools
 import logging
 import os
 import random
+import time
 
 import jax
 import jax.numpy as jnp
@@ -43,11 +44,17 @@ class EngineCore:
             jax.config.update("jax_compilation_cache_dir",
                               os.environ.get("ATOM_JAX_CACHE_DIR",
                                              os.path.expanduser("~/.cache/atom-jax/xla")))
+            # every program, the sub-second samplers too: a warm start compiles nothing
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         on_gpu = jax.default_backend() != "cpu"
         dtype = _DTYPES.get(config.dtype) or (jnp.bfloat16 if on_gpu else jnp.float32)
         self.dtype = dtype
 
+        self.startup_times: dict[str, float] = {}  # seconds per start-up phase, for logs and benchmarks
+        t0 = time.perf_counter()
         model_config, params, kind, path = load_model(config.model, dtype, config.load_format)
+        jax.block_until_ready(params)
+        self.startup_times["load_s"] = time.perf_counter() - t0
         self.model_config = model_config
         self.tokenizer = load_tokenizer(kind, path)
         eos = set(model_config.eos_token_ids)
@@ -70,13 +77,21 @@ class EngineCore:
 
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, budget)
+        t0 = time.perf_counter()
         self.runner = ModelRunner(
             get_model_module(model_config), model_config, params, dtype=dtype,
             num_blocks=num_blocks, block_size=config.block_size, max_model_len=self.max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
             attn_impl=config.attn_impl, eos_token_ids=self.eos_token_ids)
+        jax.block_until_ready(self.runner.kv_cache)
+        self.startup_times["kv_cache_s"] = time.perf_counter() - t0
         if config.compile_at_startup:
-            self.runner.warmup()
+            t0 = time.perf_counter()
+            self.runner.warmup(config.compile_threads or (8 if on_gpu else 1))
+            self.startup_times["compile_s"] = time.perf_counter() - t0
+        logger.info("start-up: %s; %d KV blocks of %d tokens",
+                    ", ".join(f"{k} {v:.1f}" for k, v in self.startup_times.items()),
+                    num_blocks, config.block_size)
         self.requests: dict[str, _Request] = {}
         self._seq_to_request: dict[str, tuple[_Request, int]] = {}
         self._in_flight = None  # (LaunchedStep, what Scheduler.advance returned) of the last step

@@ -247,7 +247,13 @@ def load_dummy(config_path: Path, dtype, seed: int = 0) -> tuple[ModelConfig, di
 
 
 def load_model(model: str | None, dtype, load_format: str = "auto"):
-    """-> (ModelConfig, params, kind, path). load_format: auto | dummy."""
+    """-> (ModelConfig, params in the model's inference layout, kind, path).
+    load_format: auto | dummy."""
+    cfg, params, kind, path = _load_checkpoint_layout(model, dtype, load_format)
+    return cfg, get_model_module(cfg).fuse_projections(params, cfg), kind, path
+
+
+def _load_checkpoint_layout(model: str | None, dtype, load_format: str):
     if load_format == "dummy":
         path = Path(model) if model else None
         if path is None:

@@ -6,6 +6,8 @@ error, since one would stall every request for seconds.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import itertools
 import threading
 
@@ -209,23 +211,40 @@ class ModelRunner:
         """Run one step and wait for it: (tokens, token logprobs, top ids, top logprobs)."""
         return self.launch(batch).fetch()
 
-    def warmup(self) -> None:
-        """Compile every bucket (the model, then the sampler: greedy-only or general, with and
-        without penalties and logprobs); arm the guard."""
-        empty = ScheduledBatch([], [])
-        for t in tqdm(self.buckets, desc="Compiling shape buckets", unit="bucket"):
+    def warmup(self, threads: int = 1) -> None:
+        """Compile every bucket (the model, and the sampler per row count: greedy-only or
+        general, with and without penalties and logprobs) on `threads` threads, then run each
+        bucket once with the guard armed, which proves nothing is left to compile."""
+        jobs = {}
+        for t in self.buckets:
             inputs = self._padded_inputs(t)
-            s_pad = len(inputs["seq_lens"])
-            self.kv_cache, logits = _forward_jit(self.module, self.model_config, self.attn_impl,
-                                                 self.params, self.kv_cache, inputs,
-                                                 self.last_tokens)
+            jobs[f"model {t} tokens"] = functools.partial(
+                _forward_jit.lower, self.module, self.model_config, self.attn_impl, self.params,
+                self.kv_cache, inputs, self.last_tokens)
+        for s_pad in sorted({min(t, self.max_num_seqs) for t in self.buckets}):
+            # the sampler compiles from the logits' shape alone
+            logits = jax.ShapeDtypeStruct((s_pad, self.model_config.vocab_size), jnp.float32)
             for with_penalties, all_greedy in ((False, True), (False, False), (True, False)):
-                sp, history = self.prepare_sampling(empty, s_pad, with_penalties)
+                sp, history = self.prepare_sampling(ScheduledBatch([], []), s_pad, with_penalties)
                 for with_logprobs in (False, True):
-                    sample_jit(logits, sp, history, with_logprobs=with_logprobs,
-                               all_greedy=all_greedy, num_rows=self.max_num_seqs
-                               )[0].block_until_ready()
+                    jobs[f"sampler {s_pad} rows {with_penalties} {all_greedy} {with_logprobs}"] = (
+                        functools.partial(sample_jit.lower, logits, sp, history,
+                                          with_logprobs=with_logprobs, all_greedy=all_greedy,
+                                          num_rows=self.max_num_seqs))
+        bar = tqdm(total=len(jobs), desc=f"Compiling {len(self.buckets)} shape buckets",
+                   unit="program")
+        with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+            for future in concurrent.futures.as_completed(
+                    [pool.submit(lambda lower: lower().compile(), job) for job in jobs.values()]):
+                future.result()
+                bar.update()
+        bar.close()
         self.guard = _CompileGuard()
+        for t in self.buckets:
+            inputs = self._padded_inputs(t)
+            sp, history = self.prepare_sampling(ScheduledBatch([], []), len(inputs["seq_lens"]))
+            with self.guard:
+                self.run(inputs, sp, history, all_greedy=True)[0].block_until_ready()
 
     def _padded_inputs(self, t_pad: int):
         """An all-padding batch of exactly t_pad tokens (writes nothing to the cache)."""

@@ -61,10 +61,54 @@ def build_llm(args, max_num_seqs: int):
     llm = LLM.from_config(EngineConfig(model=args.model, load_format=args.load_format,
                                        max_model_len=args.max_model_len,
                                        max_num_batched_tokens=args.max_num_batched_tokens,
-                                       max_num_seqs=max_num_seqs))
+                                       max_num_seqs=max_num_seqs,
+                                       compile_threads=getattr(args, "compile_threads", None)))
     return llm, time.perf_counter() - t
 
 
 def write_json(path: str, result: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=2))
+
+
+def gpu_kernel_events(trace_dir: str) -> list[tuple[str, float, float]]:
+    """(kernel name, start us, duration us) of every GPU kernel in the newest profiler trace
+    under trace_dir: the device's stream timelines (CUPTI timestamps), copies and memsets
+    left out. Empty where the trace holds no device timeline (e.g. on CPU)."""
+    import glob
+    import gzip
+    files = sorted(glob.glob(f"{trace_dir}/plugins/profile/*/*.trace.json.gz"))
+    if not files:
+        return []
+    events = json.load(gzip.open(files[-1]))["traceEvents"]
+    devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+               and "/device:GPU" in e["args"].get("name", "")}
+    streams = {(e["pid"], e["tid"]) for e in events if e.get("ph") == "M"
+               and e.get("name") == "thread_name" and e["pid"] in devices
+               and "stream" in e["args"].get("name", "").lower()}
+    return [(e["name"], float(e["ts"]), float(e["dur"])) for e in events
+            if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams
+            and not e["name"].lower().startswith(("memcpy", "memset"))]
+
+
+def device_time_per_call(fn, arg_sets, repeats: int = 3) -> dict | None:
+    """GPU kernel time per call of fn over arg_sets, read from a profiler trace: the kernels
+    alone, without launch gaps or a timing loop's own cost. None where no device timeline
+    is recorded."""
+    import tempfile
+
+    import jax
+    for args in arg_sets:
+        jax.block_until_ready(fn(*args))
+    trace_dir = tempfile.mkdtemp(prefix="atom-jax-trace-")
+    with jax.profiler.trace(trace_dir):
+        for _ in range(repeats):
+            for args in arg_sets:
+                jax.block_until_ready(fn(*args))
+    events = gpu_kernel_events(trace_dir)
+    if not events:
+        return None
+    calls = repeats * len(arg_sets)
+    names = sorted({name for name, _, _ in events})
+    return {"time_us": sum(d for _, _, d in events) / calls, "kernels_per_call": len(events) / calls,
+            "kernels": names[:8]}

@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from kernels_pallas import ragged_paged_attention_triton as rpa  # noqa: E402
+from scripts.bench_common import device_time_per_call  # noqa: E402
 from kernels_pallas.ragged_paged_attention import ragged_paged_attention_reference  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
@@ -318,6 +319,14 @@ def _run(args, results, info, save):
                 t, n = time_loop(step, *inputs, est_s=est)
                 r = dict(rel_err=rel, ok=ok, time_us=t * 1e6, iters=n, GBps=nb / t / 1e9,
                          frac_copy=nb / t / 1e9 / copy)
+                if not interp:  # the kernels' own time, from the profiler's device timeline
+                    dev = device_time_per_call(jax.jit(step), [inputs[0] + v for v in inputs[1]])
+                    if dev is not None:
+                        r.update(device_time_us=dev["time_us"],
+                                 device_GBps=nb / dev["time_us"] / 1e3,
+                                 device_frac_copy=nb / dev["time_us"] / 1e3 / copy,
+                                 device_kernels_per_call=dev["kernels_per_call"],
+                                 device_kernels=dev["kernels"])
                 if b > rpa.DECODE_CONFIG.block_m // (HQ // HKV):
                     # Decode-only promise: no prefill launch.
                     th, _ = time_loop(kernel_step(interp, max_q_len=1), *inputs, est_s=est,
@@ -553,7 +562,7 @@ def print_table(r):
                  f"({k} {_f(v, '.0f')})" for k, v in r["copy_bandwidth"].items()
                  if k != "copy_GBps" and k.endswith("GBps"))]
     lines.append(f"{'decode':<14}{'splits':>7}{'time us':>10}{'GB/s':>8}{'%copy':>7}"
-                 f"{'hint us':>9}{'%copy':>7}{'xla us':>9}{'ok':>4}")
+                 f"{'hint us':>9}{'%copy':>7}{'dev us':>9}{'%copy':>7}{'xla us':>9}{'ok':>4}")
     for d in r.get("decode", []):
         name = f"B{d['batch']} ctx{d['context']}"
         lines.append(f"{name:<14}{d.get('num_kv_splits', 0):>7}"
@@ -561,6 +570,8 @@ def print_table(r):
                      f"{_f(100 * d.get('frac_copy', float('nan')), '.0f'):>7}"
                      f"{_f(d.get('hint_time_us'), '.1f'):>9}"
                      f"{_f(100 * d.get('hint_frac_copy', float('nan')), '.0f'):>7}"
+                     f"{_f(d.get('device_time_us'), '.1f'):>9}"
+                     f"{_f(100 * d.get('device_frac_copy', float('nan')), '.0f'):>7}"
                      f"{_f(d.get('xla_ref_time_us'), '.0f'):>9}"
                      f"{'y' if d.get('ok') else 'N':>4}")
     p = r.get("prefill", {"tokens": "-"})

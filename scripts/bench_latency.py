@@ -11,6 +11,7 @@ and warm, and times process start to first token.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 T_PROCESS_START = time.time()
 
 from scripts.bench_common import (build_llm, copy_bandwidth_gbs, device_name,  # noqa: E402
-                                  versions, write_json)
+                                  gpu_kernel_events, versions, write_json)
 
 
 def param_bytes(params) -> tuple[int, int]:
@@ -32,12 +33,52 @@ def param_bytes(params) -> tuple[int, int]:
     return total, params["embed"].nbytes
 
 
+def decode_profile(eng, prompt_len: int, steps: int = 32) -> dict | None:
+    """Where a batch-1 decode step's time goes: the GPU's kernel time per step, read from a
+    profiler trace, against the wall time per step (the difference is the device idling:
+    launch gaps and host work not hidden behind the device)."""
+    import collections
+    import tempfile
+
+    import jax
+
+    from atom_jax import SamplingParams
+    eng.add_request([5] * prompt_len, SamplingParams(temperature=0, max_tokens=steps + 16,
+                                                     ignore_eos=True), "profile")
+    for _ in range(4):
+        eng.step()
+    trace_dir = tempfile.mkdtemp(prefix="atom-jax-trace-")
+    with jax.profiler.trace(trace_dir):
+        t = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        wall = (time.perf_counter() - t) / steps
+    eng.abort("profile")
+    while eng.has_unfinished():
+        eng.step()
+    events = gpu_kernel_events(trace_dir)
+    if not events:
+        return None
+    by_name = collections.defaultdict(lambda: [0, 0.0])
+    for name, _, dur in events:
+        by_name[name][0] += 1
+        by_name[name][1] += dur
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:15]
+    span = (max(ts + d for _, ts, d in events) - min(ts for _, ts, _ in events)) / steps
+    return {"steps": steps, "wall_us_per_step_traced": wall * 1e6,
+            "gpu_busy_us_per_step": sum(d for _, _, d in events) / steps,
+            "gpu_span_us_per_step": span, "kernels_per_step": len(events) / steps,
+            "top_kernels": [{"name": n[:120], "per_step": c / steps, "us_per_step": d / steps}
+                            for n, (c, d) in top]}
+
+
 def first_token(args) -> None:
     """Child process of --startup: build the engine, generate one token, print the time."""
     from atom_jax import SamplingParams
     llm, _ = build_llm(args, args.max_num_seqs)
     llm.generate([[11] * 16], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     print(f"FIRST_TOKEN_S {time.time() - T_PROCESS_START:.2f}", flush=True)
+    print(f"PHASES {json.dumps(llm.engine.startup_times)}", flush=True)
 
 
 def startup(args) -> dict:
@@ -53,6 +94,8 @@ def startup(args) -> dict:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("FIRST_TOKEN_S")]
         out[label + "_s"] = float(line[0].split()[1]) if line else None
+        phases = [ln for ln in proc.stdout.splitlines() if ln.startswith("PHASES")]
+        out[label + "_phases_s"] = json.loads(phases[0][len("PHASES"):]) if phases else None
         out[label + "_wall_s"] = time.time() - t
         if proc.returncode:
             out[label + "_error"] = proc.stderr[-2000:]
@@ -71,6 +114,9 @@ def main():
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--prefill-len", type=int, default=8192)
     p.add_argument("--startup", action="store_true", help="also time cold and warm start-up")
+    p.add_argument("--profile", action="store_true",
+                   help="also trace decode steps: GPU kernel time per step and the top kernels")
+    p.add_argument("--compile-threads", type=int, default=None)
     p.add_argument("--first-token", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -109,6 +155,8 @@ def main():
     achieved = bytes_per_step * tok_s / 1e9
     print(f"batch-1 decode: {tok_s:.1f} tok/s, {achieved:.0f} GB/s", flush=True)
 
+    profile = decode_profile(eng, args.prompt_len) if args.profile else None
+
     # prefill TTFT
     prompt = [9] * args.prefill_len
     # warm the path with other tokens: a shared prefix would be served from the prefix cache
@@ -129,7 +177,8 @@ def main():
                    "bytes_per_step": bytes_per_step, "achieved_gbs": achieved,
                    "fraction_of_copy_bandwidth": achieved / ceiling},
         "prefill": {"tokens": args.prefill_len, "ttft_s": ttft, "effective_tflops": tflops},
-        "buckets": eng.runner.buckets,
+        "buckets": eng.runner.buckets, "startup_phases_s": eng.startup_times,
+        "decode_profile": profile,
     }
     if args.startup:
         result["startup"] = startup(args)
@@ -139,6 +188,11 @@ def main():
     print(f"  batch-1 decode : {tok_s:8.1f} tok/s  ({achieved:.0f} GB/s, "
           f"{100 * achieved / ceiling:.0f}% of copy)")
     print(f"  prefill {args.prefill_len:5d}  : TTFT {ttft * 1000:8.1f} ms  ({tflops:.0f} TFLOP/s)")
+    print(f"  engine start   : {engine_start:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in eng.startup_times.items())})")
+    if profile:
+        print(f"  decode profile : GPU busy {profile['gpu_busy_us_per_step']:.0f} us/step, "
+              f"span {profile['gpu_span_us_per_step']:.0f} us, "
+              f"{profile['kernels_per_step']:.0f} kernels/step")
     if args.startup:
         s = result["startup"]
         print(f"  start-up       : cold {s['cold_s']} s, warm {s['warm_s']} s to first token")

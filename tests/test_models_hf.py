@@ -49,6 +49,7 @@ def test_logits_match_transformers(arch, tmp_path):
     if arch == "Qwen3ForCausalLM":
         assert cfg.qk_norm and cfg.tie_word_embeddings
     module = get_model_module(cfg)
+    params = module.fuse_projections(params, cfg)
     batch, qsl = ragged_batch(PROMPTS)
     shape = (64, BLOCK, cfg.num_kv_heads, cfg.head_dim)
     cache = [(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.num_layers)]
@@ -68,15 +69,19 @@ def test_logits_match_transformers(arch, tmp_path):
 
 def test_dummy_weights_follow_the_config(tmp_path):
     from atom_jax import LLM, SamplingParams
-    from atom_jax.loader import load_model
+    from atom_jax.loader import load_dummy, load_model
 
     make_tiny_model("Qwen2ForCausalLM", tmp_path)
-    cfg, params, kind, _ = load_model(str(tmp_path / "config.json"), jnp.float32, "dummy")
-    assert kind == "dummy" and cfg.attention_bias
+    cfg, params = load_dummy(tmp_path / "config.json", jnp.float32)
+    assert cfg.attention_bias
     shapes = jax.tree.map(lambda a: a.shape, params)
     expected = get_model_module(cfg).param_shapes(cfg)
     assert jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)) == \
         jax.tree.leaves(expected, is_leaf=lambda x: isinstance(x, tuple))
+    _, fused, kind, _ = load_model(str(tmp_path / "config.json"), jnp.float32, "dummy")
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    assert kind == "dummy" and fused["layers"][0]["wqkv"].shape == (cfg.hidden_size, qkv)
+    assert fused["layers"][0]["w_gate_up"].shape == (cfg.hidden_size, 2 * cfg.intermediate_size)
     llm = LLM(str(tmp_path), load_format="dummy", max_num_batched_tokens=16, max_model_len=64,
               compile_at_startup=False)
     out = llm.generate("hello", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
