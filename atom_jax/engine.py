@@ -44,6 +44,7 @@ class EngineCore:
             jax.config.update("jax_compilation_cache_dir",
                               os.environ.get("ATOM_JAX_CACHE_DIR",
                                              os.path.expanduser("~/.cache/atom-jax/xla")))
+        if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
             # every program, the sub-second samplers too: a warm start compiles nothing
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         on_gpu = jax.default_backend() != "cpu"

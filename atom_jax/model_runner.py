@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from atom_jax.sampler import sample_jit
+from atom_jax.sampler import SAMPLING_MODES, sample_jit, sampling_mode
 from atom_jax.scheduler import ScheduledBatch
 
 _BANNED_SLOTS = 16  # per-row token ids masked while a request is below min_tokens
@@ -183,13 +183,13 @@ class ModelRunner:
 
     # ------------------------------------------------------------ execution
 
-    def run(self, inputs, sp, history, with_logprobs: bool = False, all_greedy: bool = False):
+    def run(self, inputs, sp, history, with_logprobs: bool = False, mode: str = "filter"):
         """Queue the model and the sampler; returns device arrays (tokens padded to
         max_num_seqs rows first)."""
         self.kv_cache, logits = _forward_jit(self.module, self.model_config, self.attn_impl,
                                              self.params, self.kv_cache, inputs, self.last_tokens)
-        out = sample_jit(logits, sp, history, with_logprobs=with_logprobs,
-                         all_greedy=all_greedy and history is None, num_rows=self.max_num_seqs)
+        out = sample_jit(logits, sp, history, with_logprobs=with_logprobs, mode=mode,
+                         num_rows=self.max_num_seqs)
         self.last_tokens = out[0]
         return out
 
@@ -198,12 +198,12 @@ class ModelRunner:
         inputs = self.prepare(batch)
         sp, history = self.prepare_sampling(batch, len(inputs["seq_lens"]))
         with_logprobs = any(seq.params.logprobs is not None for seq in batch.seqs)
-        all_greedy = all(seq.params.temperature == 0 for seq in batch.seqs)
+        mode = sampling_mode([seq.params for seq in batch.seqs], history is not None)
         if self.guard is None:
-            out = self.run(inputs, sp, history, with_logprobs, all_greedy)
+            out = self.run(inputs, sp, history, with_logprobs, mode)
         else:
             with self.guard:
-                out = self.run(inputs, sp, history, with_logprobs, all_greedy)
+                out = self.run(inputs, sp, history, with_logprobs, mode)
         self.last_rows = {seq.seq_id: i for i, seq in enumerate(batch.seqs)}
         return LaunchedStep(batch, out, with_logprobs)
 
@@ -212,8 +212,8 @@ class ModelRunner:
         return self.launch(batch).fetch()
 
     def warmup(self, threads: int = 1) -> None:
-        """Compile every bucket (the model, and the sampler per row count: greedy-only or
-        general, with and without penalties and logprobs) on `threads` threads, then run each
+        """Compile every bucket (the model, and the sampler per row count: each sampling
+        mode, penalties, with and without logprobs) on `threads` threads, then run each
         bucket once with the guard armed, which proves nothing is left to compile."""
         jobs = {}
         for t in self.buckets:
@@ -224,12 +224,13 @@ class ModelRunner:
         for s_pad in sorted({min(t, self.max_num_seqs) for t in self.buckets}):
             # the sampler compiles from the logits' shape alone
             logits = jax.ShapeDtypeStruct((s_pad, self.model_config.vocab_size), jnp.float32)
-            for with_penalties, all_greedy in ((False, True), (False, False), (True, False)):
+            variants = [(False, mode) for mode in SAMPLING_MODES] + [(True, "filter")]
+            for with_penalties, mode in variants:
                 sp, history = self.prepare_sampling(ScheduledBatch([], []), s_pad, with_penalties)
                 for with_logprobs in (False, True):
-                    jobs[f"sampler {s_pad} rows {with_penalties} {all_greedy} {with_logprobs}"] = (
+                    jobs[f"sampler {s_pad} rows {with_penalties} {mode} {with_logprobs}"] = (
                         functools.partial(sample_jit.lower, logits, sp, history,
-                                          with_logprobs=with_logprobs, all_greedy=all_greedy,
+                                          with_logprobs=with_logprobs, mode=mode,
                                           num_rows=self.max_num_seqs))
         bar = tqdm(total=len(jobs), desc=f"Compiling {len(self.buckets)} shape buckets",
                    unit="program")
@@ -244,7 +245,7 @@ class ModelRunner:
             inputs = self._padded_inputs(t)
             sp, history = self.prepare_sampling(ScheduledBatch([], []), len(inputs["seq_lens"]))
             with self.guard:
-                self.run(inputs, sp, history, all_greedy=True)[0].block_until_ready()
+                self.run(inputs, sp, history, mode="greedy")[0].block_until_ready()
 
     def _padded_inputs(self, t_pad: int):
         """An all-padding batch of exactly t_pad tokens (writes nothing to the cache)."""

@@ -81,3 +81,23 @@ def test_penalties():
     # repetition divides positive / multiplies negative logits of every seen token;
     # presence (0.5) and frequency (0.25 per use) only hit output tokens
     np.testing.assert_allclose(out, [1.0, -2.0 - 0.5 - 0.25, 0.5 - 0.5 - 0.5, 0.5], rtol=1e-6)
+
+
+def test_every_sampling_mode_draws_the_same_token_for_the_same_seed(logits):
+    """A batch's mode depends on its other requests (one top-p request makes the whole
+    batch filter), so an unfiltered seeded row must draw alike in every mode."""
+    from atom_jax.sampler import sampling_mode
+    from atom_jax.sampling_params import SamplingParams
+    rows = jnp.tile(jnp.asarray(logits, jnp.float32), (64, 1))
+    sp = dict(temperature=jnp.full(64, 0.8, jnp.float32), top_k=jnp.zeros(64, jnp.int32),
+              top_p=jnp.ones(64, jnp.float32), min_p=jnp.zeros(64, jnp.float32),
+              seed=jnp.arange(64, dtype=jnp.uint32), step=jnp.zeros(64, jnp.int32),
+              banned=jnp.full((64, 4), -1, jnp.int32))
+    sampled = np.asarray(sample_jit(rows, sp, None, mode="sample")[0])
+    filtered = np.asarray(sample_jit(rows, sp, None, mode="filter")[0])
+    assert (sampled == filtered).all() and len(set(sampled)) > 5
+    greedy = SamplingParams(temperature=0)
+    assert sampling_mode([greedy], False) == "greedy"
+    assert sampling_mode([greedy, SamplingParams(temperature=0.6)], False) == "sample"
+    assert sampling_mode([greedy, SamplingParams(temperature=0.6, top_p=0.9)], False) == "filter"
+    assert sampling_mode([greedy], True) == "filter"
