@@ -117,11 +117,21 @@ def main():
     p.add_argument("--profile", action="store_true",
                    help="also trace decode steps: GPU kernel time per step and the top kernels")
     p.add_argument("--compile-threads", type=int, default=None)
+    p.add_argument("--only-startup", action="store_true", help="time only the cold and warm start-up")
     p.add_argument("--first-token", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.first_token:
         return first_token(args)
+    if args.only_startup:
+        result = {"benchmark": "startup", "device": device_name(), "versions": versions(),
+                  "model": args.model, "load_format": args.load_format,
+                  "startup": startup(args)}
+        write_json(args.out or f"docs/benchmarks/startup-{Path(args.model).stem}.json", result)
+        s = result["startup"]
+        print(f"start-up to first token: cold {s['cold_s']} s {s['cold_phases_s']}, "
+              f"warm {s['warm_s']} s {s['warm_phases_s']}")
+        return
 
     import jax
 
