@@ -6,6 +6,7 @@ already in the compute dtype. Tensors are mapped one at a time, under a progress
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -226,24 +227,23 @@ def load_gguf(file: Path, dtype) -> tuple[ModelConfig, dict]:
 
 # ---------------------------------------------------------------- dummy weights
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _random_weight(key, shape, dtype):
+    return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
+
+
 def load_dummy(config_path: Path, dtype, seed: int = 0) -> tuple[ModelConfig, dict]:
-    """Random weights in the shapes of a config.json, for benchmarks without checkpoints."""
+    """Random weights in the shapes of a config.json, for benchmarks without checkpoints.
+    One small program per distinct shape, called per tensor: a single program producing
+    every tensor took minutes to compile for an 8B model."""
     cfg = ModelConfig.from_json_file(config_path)
     shapes = get_model_module(cfg).param_shapes(cfg)
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-
-    @jax.jit
-    def init(keys):
-        out = []
-        for key, shape in zip(keys, leaves):
-            if len(shape) == 1:
-                out.append(jnp.ones(shape, dtype))
-            else:
-                out.append((jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype))
-        return out
-
-    return cfg, jax.tree.unflatten(treedef, init(keys))
+    dtype = jnp.dtype(dtype)
+    out = [jnp.ones(shape, dtype) if len(shape) == 1 else _random_weight(key, shape, dtype)
+           for key, shape in zip(keys, leaves)]
+    return cfg, jax.tree.unflatten(treedef, out)
 
 
 def load_model(model: str | None, dtype, load_format: str = "auto"):
