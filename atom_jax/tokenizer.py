@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 
 def load_tokenizer(kind: str, path: Path):
     """kind: gguf | hf | dummy. Dummy weights may come without tokenizer files: then None,
@@ -13,6 +11,7 @@ def load_tokenizer(kind: str, path: Path):
         has_files = any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model",
                                                        "tokenizer_config.json"))
         return load_tokenizer("hf", path) if has_files else None
+    from transformers import AutoTokenizer  # here: importing it costs seconds of start-up
     if kind == "gguf":
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     try:
