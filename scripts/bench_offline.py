@@ -120,6 +120,7 @@ def throughput_run(args) -> dict:
         "engine_start_s": startup, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "preemptions": llm.engine.scheduler.num_preemptions,
+        "sampling": "temperature 0.6, ignore_eos, random token ids (as nano-vllm's bench.py)",
         "compiles_after_startup": 0,  # the armed guard would have raised otherwise
     }
     name = Path(args.model).stem

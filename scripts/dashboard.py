@@ -18,11 +18,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def load(directory: Path) -> dict[str, list[tuple[str, dict]]]:
-    kinds: dict[str, list[tuple[str, dict]]] = {"kernels": [], "offline": [], "latency": [], "serving": []}
+    kinds: dict[str, list[tuple[str, dict]]] = {
+        "kernels": [], "tuning": [], "offline": [], "latency": [], "startup": [], "serving": []}
     for path in sorted(directory.glob("*.json")):
         data = json.loads(path.read_text())
         if "decode" in data and "copy_bandwidth" in data:
             kinds["kernels"].append((path.name, data))
+        elif "split_tuning" in data:
+            kinds["tuning"].append((path.name, data))
+        elif data.get("benchmark") == "startup":
+            kinds["startup"].append((path.name, data))
         elif str(data.get("benchmark", "")).startswith("offline"):
             kinds["offline"].append((path.name, data))
         elif data.get("benchmark") == "latency":
@@ -58,13 +63,48 @@ def kernel_section(name, data, out_dir: Path) -> list[str]:
     lines = [f"### Ragged paged attention kernel ({name})", "",
              f"{info['device']}, jax {info['jax']}, {shapes}; copy bandwidth "
              f"{copy:.0f} GB/s measured in the same run.", "", f"![decode bandwidth]({png})", "",
-             "| decode | time (us) | GB/s | % of copy |", "|---|---|---|---|"]
+             "Timing loop: median per call of a jitted loop of calls (its own cost included); "
+             "device: the kernels' own time from the profiler's device timeline.", "",
+             "| decode | loop (us) | GB/s | % of copy | device (us) | % of copy |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| B{d['batch']} ctx{d['context']} | {d['time_us']:.1f} | {d['GBps']:.0f} | "
-              f"{100 * d['frac_copy']:.0f} |" for d in data["decode"] if "time_us" in d]
+              f"{100 * d['frac_copy']:.0f} | {d.get('device_time_us', float('nan')):.1f} | "
+              f"{100 * d.get('device_frac_copy', float('nan')):.0f} |"
+              for d in data["decode"] if "time_us" in d]
     p = data.get("prefill", {})
     if "TFLOPs" in p:
         lines += ["", f"Causal prefill of {p['tokens']} tokens: {p['TFLOPs']:.0f} TFLOP/s "
                       f"(cuDNN in the same run: {p.get('cudnn_TFLOPs', float('nan')):.0f})."]
+    return lines + [""]
+
+
+def tuning_section(name, data) -> list[str]:
+    t = data["split_tuning"]
+    copy = data["copy_bandwidth"].get("copy_GBps", float("nan"))
+    lines = [f"### Split-KV tuning, batch 1 at context {t['context']} ({name})", "",
+             f"{data['info']['device']}; copy bandwidth {copy:.0f} GB/s in the same run; "
+             "time is the kernels' own (device timeline).", "",
+             "| block_n | warps | stages | programs/SM | fused combine | splits | time (us) | % of copy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in t["candidates"]:
+        c = r["cfg"]
+        lines.append(f"| {c['block_n']} | {c['num_warps']} | {c['num_stages']} | "
+                     f"{r['programs_per_sm']} | {'yes' if r['fused_combine'] else 'no'} | "
+                     f"{r['num_kv_splits']} | {r.get('time_us', float('nan')):.1f} | "
+                     f"{100 * r.get('frac_copy', float('nan')):.0f} |")
+    return lines + [""]
+
+
+def startup_section(name, data) -> list[str]:
+    s = data["startup"]
+    lines = [f"### Start-up to first token ({name})", "",
+             f"{data['model']} on {data['device']}, fresh processes, from process start to the "
+             "first generated token.", "", "| | seconds | load | KV cache | compile (or cache load) |",
+             "|---|---|---|---|---|"]
+    for label in ("cold", "warm"):
+        ph = s.get(f"{label}_phases_s") or {}
+        lines.append(f"| {label} | {s.get(f'{label}_s')} | {ph.get('load_s', float('nan')):.1f} | "
+                     f"{ph.get('kv_cache_s', float('nan')):.1f} | {ph.get('compile_s', float('nan')):.1f} |")
     return lines + [""]
 
 
@@ -99,8 +139,14 @@ def latency_section(name, data) -> list[str]:
              f"on {data['device']}; copy bandwidth {data['copy_bandwidth_gbs']:.0f} GB/s in the same run.", "",
              f"- batch-1 decode: {d['tokens_per_s']:.1f} tokens/s, {d['achieved_gbs']:.0f} GB/s "
              f"({100 * d['fraction_of_copy_bandwidth']:.0f}% of copy)",
-             f"- prefill of {p['tokens']} tokens: TTFT {1000 * p['ttft_s']:.0f} ms",
+             f"- prefill of {p['tokens']} tokens: TTFT {1000 * p['ttft_s']:.0f} ms "
+             f"({p.get('effective_tflops', float('nan')):.0f} TFLOP/s)",
              f"- engine start (load + compile): {data['engine_start_s']:.0f} s"]
+    prof = data.get("decode_profile")
+    if prof:
+        lines += [f"- decode step on the device timeline: {prof['gpu_busy_us_per_step']:.0f} us of "
+                  f"kernels per step ({prof['kernels_per_step']:.0f} kernels); the largest:"]
+        lines += [f"  - {k['name']}: {k['us_per_step']:.0f} us/step" for k in prof["top_kernels"][:6]]
     lines += [f"- note: {n}" for n in data.get("notes", [])]
     return lines + [""]
 
@@ -121,6 +167,35 @@ def serving_section(runs, out_dir: Path) -> list[str]:
     return ["### Serving", "", f"![serving]({png})", ""]
 
 
+def headline_section(kinds) -> list[str]:
+    """One row per model shape: the figures the GPU goals are about."""
+    rows: dict[str, dict] = {}
+    for _, d in kinds["latency"]:
+        rows.setdefault(Path(d["model"]).stem, {}).update(
+            decode=d["decode"]["tokens_per_s"], ttft=1000 * d["prefill"]["ttft_s"],
+            device=d["device"])
+    for _, d in kinds["offline"]:
+        if d.get("benchmark") in ("offline-1k1k", "offline-nanovllm") and d.get("model"):
+            key = "tput_1k1k" if d["benchmark"] == "offline-1k1k" else "tput_nano"
+            rows.setdefault(Path(d["model"]).stem, {})[key] = d["output_tok_per_s"]
+    for _, d in kinds["startup"]:
+        s = d["startup"]
+        rows.setdefault(Path(d["model"]).stem, {}).update(cold=s.get("cold_s"), warm=s.get("warm_s"))
+    if not rows:
+        return []
+
+    def cell(row, key, fmt):
+        return format(row[key], fmt) if row.get(key) is not None else "-"
+    lines = ["## Headline", "", "| model shape | batch-1 decode tok/s | 8k-token TTFT ms | "
+             "1k x 1k output tok/s | nano-vllm workload output tok/s | start-up cold / warm s |",
+             "|---|---|---|---|---|---|"]
+    for model, r in sorted(rows.items()):
+        lines.append(f"| {model} | {cell(r, 'decode', '.1f')} | {cell(r, 'ttft', '.0f')} | "
+                     f"{cell(r, 'tput_1k1k', '.0f')} | {cell(r, 'tput_nano', '.0f')} | "
+                     f"{cell(r, 'cold', '.1f')} / {cell(r, 'warm', '.1f')} |")
+    return lines + [""]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dir", default="docs/benchmarks")
@@ -129,10 +204,15 @@ def main(argv=None):
     kinds = load(directory)
     lines = ["# Benchmarks", "", "Made by `python scripts/dashboard.py` from the JSON files here; "
              "each comes from a script in scripts/ and names its device, versions and shapes.", ""]
+    lines += headline_section(kinds)
     for name, data in kinds["kernels"]:
         lines += kernel_section(name, data, directory)
+    for name, data in kinds["tuning"]:
+        lines += tuning_section(name, data)
     for name, data in kinds["latency"]:
         lines += latency_section(name, data)
+    for name, data in kinds["startup"]:
+        lines += startup_section(name, data)
     for name, data in kinds["offline"]:
         lines += offline_section(name, data, directory)
     if kinds["serving"]:

@@ -83,6 +83,6 @@ def test_dummy_weights_follow_the_config(tmp_path):
     assert kind == "dummy" and fused["layers"][0]["wqkv"].shape == (cfg.hidden_size, qkv)
     assert fused["layers"][0]["w_gate_up"].shape == (cfg.hidden_size, 2 * cfg.intermediate_size)
     llm = LLM(str(tmp_path), load_format="dummy", max_num_batched_tokens=16, max_model_len=64,
-              compile_at_startup=False)
+              compile_at_startup=False, kv_cache_memory_gb=0.05)
     out = llm.generate("hello", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 3
