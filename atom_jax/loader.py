@@ -242,7 +242,7 @@ def load_dummy(config_path: Path, dtype, seed: int = 0) -> tuple[ModelConfig, di
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
     dtype = jnp.dtype(dtype)
     out = [jnp.ones(shape, dtype) if len(shape) == 1 else _random_weight(key, shape, dtype)
-           for key, shape in zip(keys, leaves)]
+           for key, shape in tqdm(list(zip(keys, leaves)), desc="Dummy weights", unit="tensor")]
     return cfg, jax.tree.unflatten(treedef, out)
 
 

@@ -141,3 +141,22 @@ def test_out_of_range_values_are_refused_or_folded(llm):
 def test_max_model_len_past_the_model_is_refused():
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(max_model_len=10**6)  # SmolLM2 has 8192 positions
+
+
+def test_abort_while_a_step_is_in_flight_frees_everything(llm):
+    """step() returns the previous step's tokens while the next is queued on the device: an
+    abort in between must drop the in-flight token and free the blocks, and a request that
+    stops on eos must not emit the token computed after it."""
+    eng = llm.engine
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    rid = eng.add_request(PROMPT, greedy)
+    got = []
+    while len(got) < 5:
+        got += [t for d in eng.step() for t in d.new_token_ids]
+    assert eng._in_flight is not None  # a step is queued behind the tokens just returned
+    eng.abort(rid)
+    while eng.has_unfinished():
+        assert not eng.step()  # nothing of the aborted request comes back
+    assert_all_blocks_free(llm)
+    alone = llm.generate(PROMPT, greedy)[0].outputs[0].token_ids
+    assert alone[:len(got)] == got and len(alone) == 30
