@@ -6,7 +6,6 @@ Logprobs are those of the model's raw distribution (before penalties and tempera
 """
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 
