@@ -7,6 +7,7 @@ error, since one would stall every request for seconds.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import threading
@@ -199,28 +200,21 @@ class ModelRunner:
         sp, history = self.prepare_sampling(batch, len(inputs["seq_lens"]))
         with_logprobs = any(seq.params.logprobs is not None for seq in batch.seqs)
         mode = sampling_mode([seq.params for seq in batch.seqs], history is not None)
-        if self.guard is None:
+        with self.guard or contextlib.nullcontext():
             out = self.run(inputs, sp, history, with_logprobs, mode)
-        else:
-            with self.guard:
-                out = self.run(inputs, sp, history, with_logprobs, mode)
         self.last_rows = {seq.seq_id: i for i, seq in enumerate(batch.seqs)}
         return LaunchedStep(batch, out, with_logprobs)
-
-    def execute(self, batch: ScheduledBatch):
-        """Run one step and wait for it: (tokens, token logprobs, top ids, top logprobs)."""
-        return self.launch(batch).fetch()
 
     def warmup(self, threads: int = 1) -> None:
         """Compile every bucket (the model, and the sampler per row count: each sampling
         mode, penalties, with and without logprobs) on `threads` threads, then run each
         bucket once with the guard armed, which proves nothing is left to compile."""
-        jobs = {}
+        jobs = []  # each lowers one program
         for t in self.buckets:
             inputs = self._padded_inputs(t)
-            jobs[f"model {t} tokens"] = functools.partial(
+            jobs.append(functools.partial(
                 _forward_jit.lower, self.module, self.model_config, self.attn_impl, self.params,
-                self.kv_cache, inputs, self.last_tokens)
+                self.kv_cache, inputs, self.last_tokens))
         for s_pad in sorted({min(t, self.max_num_seqs) for t in self.buckets}):
             # the sampler compiles from the logits' shape alone
             logits = jax.ShapeDtypeStruct((s_pad, self.model_config.vocab_size), jnp.float32)
@@ -228,15 +222,14 @@ class ModelRunner:
             for with_penalties, mode in variants:
                 sp, history = self.prepare_sampling(ScheduledBatch([], []), s_pad, with_penalties)
                 for with_logprobs in (False, True):
-                    jobs[f"sampler {s_pad} rows {with_penalties} {mode} {with_logprobs}"] = (
-                        functools.partial(sample_jit.lower, logits, sp, history,
-                                          with_logprobs=with_logprobs, mode=mode,
-                                          num_rows=self.max_num_seqs))
+                    jobs.append(functools.partial(
+                        sample_jit.lower, logits, sp, history, with_logprobs=with_logprobs,
+                        mode=mode, num_rows=self.max_num_seqs))
         bar = tqdm(total=len(jobs), desc=f"Compiling {len(self.buckets)} shape buckets",
                    unit="program")
         with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
             for future in concurrent.futures.as_completed(
-                    [pool.submit(lambda lower: lower().compile(), job) for job in jobs.values()]):
+                    [pool.submit(lambda lower: lower().compile(), job) for job in jobs]):
                 future.result()
                 bar.update()
         bar.close()

@@ -315,13 +315,16 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
             else:
                 page = bt_ref[seq, kpos // page_size]
             slot = page * page_size + kpos % page_size
-            k_view = _row_ref(k_ref, slot, kv_head, dp)
-            if masked:
-                k = masked_load(k_view, kv_ok[:, None], block_n)
-            elif dmask is not None:
-                k = masked_load(k_view, jnp.ones((block_n, 1), jnp.bool_), block_n)
-            else:
-                k = k_view[...]
+
+            def load_rows(ref):  # this step's block_n cache rows of the KV head
+                view = _row_ref(ref, slot, kv_head, dp)
+                if masked:
+                    return masked_load(view, kv_ok[:, None], block_n)
+                if dmask is not None:
+                    return masked_load(view, jnp.ones((block_n, 1), jnp.bool_), block_n)
+                return view[...]
+
+            k = load_rows(k_ref)
             s = lax.dot_general(q, k.astype(q.dtype), (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
             if post is None:
@@ -341,13 +344,7 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
             alpha = jnp.exp2(m_i - m_use)
             p = jnp.exp2(s - m_use[:, None])
             l_i = l_i * alpha + jnp.sum(p, axis=1)
-            v_view = _row_ref(v_ref, slot, kv_head, dp)
-            if masked:
-                v = masked_load(v_view, kv_ok[:, None], block_n)
-            elif dmask is not None:
-                v = masked_load(v_view, jnp.ones((block_n, 1), jnp.bool_), block_n)
-            else:
-                v = v_view[...]
+            v = load_rows(v_ref)
             pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32)
             acc = acc * alpha[:, None] + pv

@@ -216,6 +216,12 @@ def reference_step(q, k, v, kvl, qsl, bt):
     return ragged_paged_attention_reference(q, k, v, kvl, bt, qsl, sm_scale=SCALE)
 
 
+def device_time(step, inputs):
+    """The kernels' own time per call over every argument set (None without a device
+    timeline)."""
+    return device_time_per_call(jax.jit(step), [inputs[0] + v for v in inputs[1]])
+
+
 def check(step, inputs, tol=2e-2):
     """Relative error of the kernel against the XLA reference on one argument set."""
     args = inputs[0] + inputs[1][0]
@@ -326,7 +332,7 @@ def _run(args, results, info, save):
                 r = dict(rel_err=rel, ok=ok, time_us=t * 1e6, iters=n, GBps=nb / t / 1e9,
                          frac_copy=nb / t / 1e9 / copy)
                 if not interp:  # the kernels' own time, from the profiler's device timeline
-                    dev = device_time_per_call(jax.jit(step), [inputs[0] + v for v in inputs[1]])
+                    dev = device_time(step, inputs)
                     if dev is not None:
                         r.update(device_time_us=dev["time_us"],
                                  device_GBps=nb / dev["time_us"] / 1e3,
@@ -479,7 +485,7 @@ def tune_split(pool, interp, copy, ctx, slow):
             tm, _ = time_loop(step, *inputs, est_s=est, repeats=3)
             r = dict(rel_err=rel, ok=ok, loop_time_us=tm * 1e6, time_us=tm * 1e6)
             if not interp:  # rank by the kernels' own time where the profiler gives it
-                dev = device_time_per_call(jax.jit(step), [inputs[0] + v for v in inputs[1]])
+                dev = device_time(step, inputs)
                 if dev is not None:
                     r["time_us"] = dev["time_us"]
             r.update(GBps=nb / r["time_us"] / 1e3, frac_copy=nb / r["time_us"] / 1e3 / copy)
