@@ -2,7 +2,9 @@
 from kernels_pallas.ragged_paged_attention import (
     ragged_paged_attention,
     ragged_paged_attention_reference,
+    write_kv_and_attend,
     write_kv_to_pages,
 )
 
-__all__ = ["ragged_paged_attention", "ragged_paged_attention_reference", "write_kv_to_pages"]
+__all__ = ["ragged_paged_attention", "ragged_paged_attention_reference", "write_kv_and_attend",
+           "write_kv_to_pages"]

@@ -129,19 +129,54 @@ def ragged_paged_attention(
     impl: "auto" picks the Pallas kernel on GPU and the XLA reference elsewhere; "xla" and
     "pallas" force one. interpret=True runs the Pallas kernel in interpret mode (CPU tests).
     """
-    if impl == "auto":
-        impl = "pallas" if (jax.default_backend() == "gpu" and _pallas_available()) else "xla"
-    if impl == "xla":
+    if _resolve_impl(impl) == "xla":
         return ragged_paged_attention_reference(
             q, k_cache, v_cache, kv_lens, block_tables, query_start_loc,
             sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    if impl == "pallas":
-        from kernels_pallas import ragged_paged_attention_triton as triton_impl
-        return triton_impl.ragged_paged_attention_pallas(
+    from kernels_pallas import ragged_paged_attention_triton as triton_impl
+    return triton_impl.ragged_paged_attention_pallas(
+        q, k_cache, v_cache, kv_lens, block_tables, query_start_loc,
+        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+        interpret=interpret)
+
+
+def write_kv_and_attend(
+    qkv, k_cache, v_cache, slot_mapping, kv_lens, block_tables, query_start_loc,
+    *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
+    impl: str = "auto", interpret: bool = False,
+):
+    """Write the new tokens' K/V into their cache slots, then attend over the pages.
+
+    qkv [T, Hq + 2 Hkv, D]: each token's query heads, then K heads, then V heads (the
+    layout of a fused q/k/v projection, so nothing is sliced apart on the way in).
+    slot_mapping [T]: page * page_size + offset of each token (outside the cache for
+    padding). Returns (out [T, Hq, D], k_cache, v_cache). impl/interpret as
+    `ragged_paged_attention`; the Pallas path writes the rows inside the attention launch
+    for decode-sized steps instead of running separate scatters.
+    """
+    impl = _resolve_impl(impl)
+    if impl == "xla":
+        hkv = k_cache.shape[2]
+        hq = qkv.shape[1] - 2 * hkv
+        q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
+        k_cache, v_cache = write_kv_to_pages(k_cache, v_cache, k, v, slot_mapping)
+        out = ragged_paged_attention_reference(
             q, k_cache, v_cache, kv_lens, block_tables, query_start_loc,
-            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-            interpret=interpret)
-    raise ValueError(f"impl must be 'auto', 'xla' or 'pallas', got {impl!r}")
+            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+        return out, k_cache, v_cache
+    from kernels_pallas import ragged_paged_attention_triton as triton_impl
+    return triton_impl.write_kv_and_attend_pallas(
+        qkv, k_cache, v_cache, slot_mapping, kv_lens, block_tables, query_start_loc,
+        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+        interpret=interpret)
+
+
+def _resolve_impl(impl: str) -> str:
+    if impl == "auto":
+        return "pallas" if (jax.default_backend() == "gpu" and _pallas_available()) else "xla"
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"impl must be 'auto', 'xla' or 'pallas', got {impl!r}")
+    return impl
 
 
 def _pallas_available() -> bool:

@@ -234,14 +234,41 @@ def _merge_splits(o_part_ref, lse_ref, tile, kv_head, num_splits: int, rows, row
     return acc / jnp.where(l == 0.0, 1.0, l)[:, None]
 
 
+def _write_new_rows(q_ref, slot_ref, k_ref, v_ref, new_kv_heads, kv_head, tok0, ntok,
+                    pos0, lo, hi, max_q: int, dp: int, head_dim: int):
+    """Copy the tile's new K/V rows whose positions lie in [lo, hi) into their cache slots.
+
+    The new rows are heads new_kv_heads[0] + kv_head (K) and new_kv_heads[1] + kv_head (V)
+    of q_ref; a slot outside the cache (padding) is skipped.
+    """
+    w = jnp.arange(_pow2(max_q), dtype=jnp.int32)
+    num_slots = k_ref.shape[0]
+    ok = (w < ntok) & (pos0 + w >= lo) & (pos0 + w < hi)
+    slot = plgpu.load(slot_ref.at[tok0 + w], mask=ok, other=num_slots)
+    ok = ok & (slot < num_slots)
+    mask = ok[:, None]
+    if dp != head_dim:
+        mask = mask & (jnp.arange(dp, dtype=jnp.int32) < head_dim)[None, :]
+    mask = jnp.broadcast_to(mask, (w.shape[0], dp))
+    for head0, ref in zip(new_kv_heads, (k_ref, v_ref)):
+        rows = plgpu.load(_row_ref(q_ref, tok0 + w, head0 + kv_head, dp), mask=mask, other=0)
+        plgpu.store(_row_ref(ref, slot, kv_head, dp), rows.astype(ref.dtype), mask=mask)
+
+
 def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: KernelConfig,
                       sm_scale: float, soft_cap: float | None, sliding_window: int | None,
                       num_splits: int, out_mode: str, num_aliased: int,
-                      decode_max_q: int | None, interpret: bool):
+                      decode_max_q: int | None, new_kv_heads: tuple[int, int] | None,
+                      interpret: bool):
     """One (query tile, KV head, context split) program.
 
     Decode launches (decode_max_q set) take (query_start_loc, kv_lens) and map program i to
     sequence i; prefill launches take the tile table built by `_prefill_tiles`.
+
+    new_kv_heads (decode launches only): q_ref also holds the new tokens' K and V at these
+    head offsets, and a slot_mapping input follows the block table. Each program first
+    writes the new rows that fall in its own part of the context into the cache (the
+    cache outputs alias the cache inputs), then attends, so no other launch writes them.
 
     out_mode "out": write the output rows; "split": write this split's partial output and
     log-sum-exp; "fused": as "split", then the last split program of the (tile, KV head)
@@ -260,7 +287,13 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
         tok0 = meta_ref[tile, 1]
         ntok = meta_ref[tile, 2]
         pos0 = meta_ref[tile, 3]
+    if new_kv_heads is not None:
+        slot_ref, *refs = refs
     refs = refs[num_aliased:]  # aliased inputs: the kernel writes through the output refs
+    if new_kv_heads is not None:
+        # Read the cache through the outputs too, so this program sees its own writes
+        # (interpret mode keeps aliased inputs and outputs apart).
+        *refs, k_ref, v_ref = refs
 
     rows = jnp.arange(block_m, dtype=jnp.int32)
     row_tok = rows // group
@@ -292,6 +325,11 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
             s_hi = jnp.minimum(s_lo + per, b_hi)
         else:
             s_lo, s_hi = b_lo, b_hi
+        if new_kv_heads is not None:
+            _write_new_rows(q_ref, slot_ref, k_ref, v_ref, new_kv_heads, kv_head, tok0, ntok,
+                            pos0, s_lo * block_n, s_hi * block_n, decode_max_q, dp, head_dim)
+            if not interpret:  # every thread's stores land before any thread reads them
+                plgpu.debug_barrier()
         # Steps [full_lo, full_hi) are visible to every row of the tile: no masking.
         full_hi = (pos0 + 1) // block_n
         if sliding_window is not None:
@@ -395,16 +433,22 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
 
 def _launch(tile_args, q, k_flat, v_flat, block_tables, out, *, group, head_dim,
             page_size, cfg, sm_scale, soft_cap, sliding_window, num_splits, out_mode,
-            interpret, name, decode_max_q=None):
+            interpret, name, decode_max_q=None, slot_mapping=None):
     """One pallas_call over grid (tiles, kv_heads, splits); returns its outputs, a tuple.
 
     tile_args: (query_start_loc, kv_lens) for a decode launch (one tile per sequence), or
     (tile_table,) for a prefill launch. out_mode "out" -> (out,); "split" -> (o_part, lse);
     "fused" -> (out, o_part, lse, counters). `out`, if given, is the buffer the output rows
-    are written into.
+    are written into. q holds the query heads first ([T, Hq, D]); with slot_mapping (decode
+    launches) it is [T, Hq + 2 Hkv, D] with the new K and V heads after them, the launch
+    writes those into the cache, and (k_flat, v_flat) are appended to its outputs.
     """
-    num_tokens, num_q_heads, _ = q.shape
+    num_tokens = q.shape[0]
     num_kv_heads = k_flat.shape[1]
+    num_q_heads = num_kv_heads * group
+    new_kv_heads = None
+    if slot_mapping is not None:
+        new_kv_heads = (num_q_heads, num_q_heads + num_kv_heads)
     num_tiles = (tile_args[1].shape[0] if decode_max_q is not None else tile_args[0].shape[0])
     dp = _pow2(head_dim)
     o_shape = jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), q.dtype)
@@ -414,6 +458,8 @@ def _launch(tile_args, q, k_flat, v_flat, block_tables, out, *, group, head_dim,
         jax.ShapeDtypeStruct((num_tiles, num_kv_heads, num_splits, cfg.block_m), jnp.float32),
     )
     args = [*tile_args, q, k_flat, v_flat, block_tables]
+    if slot_mapping is not None:
+        args.append(slot_mapping)
     aliases = {}
     if out_mode == "split":
         out_shape = part_shapes
@@ -427,12 +473,19 @@ def _launch(tile_args, q, k_flat, v_flat, block_tables, out, *, group, head_dim,
             out_shape = (o_shape, *part_shapes, jax.ShapeDtypeStruct(cnt.shape, cnt.dtype))
             aliases[len(args)] = 3
             args.append(cnt)
+    num_aliased = len(aliases)
+    if slot_mapping is not None:
+        first_cache_arg = len(tile_args) + 1
+        aliases[first_cache_arg] = len(out_shape)
+        aliases[first_cache_arg + 1] = len(out_shape) + 1
+        out_shape = (*out_shape, jax.ShapeDtypeStruct(k_flat.shape, k_flat.dtype),
+                     jax.ShapeDtypeStruct(v_flat.shape, v_flat.dtype))
     kernel = functools.partial(
         _attention_kernel, group=group, head_dim=head_dim, page_size=page_size, cfg=cfg,
         sm_scale=float(sm_scale), soft_cap=None if soft_cap is None else float(soft_cap),
         sliding_window=None if sliding_window is None else int(sliding_window),
-        num_splits=num_splits, out_mode=out_mode, num_aliased=len(aliases),
-        decode_max_q=decode_max_q, interpret=interpret)
+        num_splits=num_splits, out_mode=out_mode, num_aliased=num_aliased,
+        decode_max_q=decode_max_q, new_kv_heads=new_kv_heads, interpret=interpret)
     return pl.pallas_call(
         kernel,
         grid=(num_tiles, num_kv_heads, num_splits),
@@ -464,6 +517,7 @@ def _combine_kernel(qsl_ref, kvl_ref, o_part_ref, lse_ref, *refs, group: int,
 
 def _combine(query_start_loc, kv_lens, o_part, lse, q, out, *, group, head_dim, max_q,
              interpret):
+    """q: [T, >= Hq, D], for the output's token count and dtype."""
     num_seqs, num_kv_heads, num_splits = o_part.shape[:3]
     kernel = functools.partial(_combine_kernel, group=group, head_dim=head_dim,
                                num_splits=num_splits, max_q=max_q, aliased=out is not None)
@@ -475,12 +529,44 @@ def _combine(query_start_loc, kv_lens, o_part, lse, q, out, *, group, head_dim, 
     return pl.pallas_call(
         kernel,
         grid=(num_seqs, num_kv_heads),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=jax.ShapeDtypeStruct((q.shape[0], num_kv_heads * group, head_dim), q.dtype),
         input_output_aliases=aliases,
         compiler_params=_compiler_params(COMBINE_CONFIG),
         interpret=interpret,
         name="ragged_paged_attention_combine",
     )(*args)
+
+
+def _write_kv_kernel(slot_ref, qkv_ref, k_in_ref, v_in_ref, k_ref, v_ref, *, rows: int,
+                     new_kv_heads: tuple[int, int], head_dim: int):
+    """Rows [i * rows, (i + 1) * rows) of KV head j: the new K/V rows into their slots."""
+    del k_in_ref, v_in_ref  # aliased to k_ref / v_ref
+    block, kv_head = pl.program_id(0), pl.program_id(1)
+    num_tokens = qkv_ref.shape[0]
+    first = block * rows
+    _write_new_rows(qkv_ref, slot_ref, k_ref, v_ref, new_kv_heads, kv_head, first,
+                    jnp.minimum(num_tokens - first, rows), jnp.int32(0), 0, rows, rows,
+                    _pow2(head_dim), head_dim)
+
+
+def _write_kv(qkv, k_flat, v_flat, slot_mapping, *, num_q_heads, head_dim, interpret):
+    """One launch that writes the new tokens' K/V (heads after the queries in qkv) into the
+    flat caches, in place; the caches are returned."""
+    num_tokens = qkv.shape[0]
+    num_kv_heads = k_flat.shape[1]
+    rows = 16
+    kernel = functools.partial(_write_kv_kernel, rows=rows, head_dim=head_dim,
+                               new_kv_heads=(num_q_heads, num_q_heads + num_kv_heads))
+    return pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(num_tokens, rows), num_kv_heads),
+        out_shape=(jax.ShapeDtypeStruct(k_flat.shape, k_flat.dtype),
+                   jax.ShapeDtypeStruct(v_flat.shape, v_flat.dtype)),
+        input_output_aliases={2: 0, 3: 1},
+        compiler_params=_compiler_params(COMBINE_CONFIG),
+        interpret=interpret,
+        name="ragged_paged_attention_write_kv",
+    )(slot_mapping, qkv, k_flat, v_flat)
 
 
 # --------------------------------------------------------------------------------------
@@ -535,7 +621,37 @@ def ragged_paged_attention_pallas(
       or in a second launch.
     """
     return _ragged_paged_attention(
-        q, k_cache, v_cache, kv_lens, block_tables, query_start_loc, out_init,
+        q, k_cache, v_cache, kv_lens, block_tables, query_start_loc, out_init, None,
+        **_static_options(sm_scale, sliding_window, soft_cap, interpret, num_kv_splits,
+                          decode_config, prefill_config, max_q_len, fused_combine))
+
+
+def write_kv_and_attend_pallas(
+    qkv, k_cache, v_cache, slot_mapping, kv_lens, block_tables, query_start_loc,
+    *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
+    interpret: bool = False, num_kv_splits: int | None = None,
+    decode_config: KernelConfig | None = None, prefill_config: KernelConfig | None = None,
+    max_q_len: int | None = None, out_init=None, fused_combine: bool | None = None,
+):
+    """Write the new tokens' K/V into their slots, then attend: (out, k_cache, v_cache).
+
+    qkv [T, Hq + 2 Hkv, D]: every new token's query heads, then its K heads, then its V
+    heads (the fused projection's layout). slot_mapping [T]: each token's cache slot
+    (page * page_size + offset; num_pages * page_size for padding). When every sequence
+    fits a decode tile (T or max_q_len small enough) the decode launch writes the rows
+    itself; otherwise one small launch writes them first. The caches are updated in place
+    when the caller donates them. Other options as `ragged_paged_attention_pallas`.
+    """
+    return _ragged_paged_attention(
+        qkv, k_cache, v_cache, kv_lens, block_tables, query_start_loc, out_init,
+        slot_mapping,
+        **_static_options(sm_scale, sliding_window, soft_cap, interpret, num_kv_splits,
+                          decode_config, prefill_config, max_q_len, fused_combine))
+
+
+def _static_options(sm_scale, sliding_window, soft_cap, interpret, num_kv_splits,
+                    decode_config, prefill_config, max_q_len, fused_combine) -> dict:
+    return dict(
         sm_scale=float(sm_scale),
         sliding_window=None if sliding_window is None else int(sliding_window),
         soft_cap=None if soft_cap is None else float(soft_cap),
@@ -549,11 +665,17 @@ def ragged_paged_attention_pallas(
     "sm_scale", "sliding_window", "soft_cap", "interpret", "num_kv_splits",
     "decode_config", "prefill_config", "max_q_len", "fused_combine"))
 def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_start_loc,
-                            out_init, *, sm_scale, sliding_window, soft_cap, interpret,
-                            num_kv_splits, decode_config, prefill_config, max_q_len,
-                            fused_combine):
-    num_tokens, num_q_heads, head_dim = q.shape
+                            out_init, slot_mapping, *, sm_scale, sliding_window, soft_cap,
+                            interpret, num_kv_splits, decode_config, prefill_config,
+                            max_q_len, fused_combine):
+    """Attention, or with slot_mapping the K/V write then attention (q is then qkv)."""
+    num_tokens, num_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = k_cache.shape
+    write = slot_mapping is not None
+    num_q_heads = num_heads - 2 * num_kv_heads if write else num_heads
+    if num_q_heads <= 0:
+        raise ValueError(f"qkv has {num_heads} heads: fewer than 2 x {num_kv_heads} KV heads "
+                         "plus the query heads")
     num_seqs, max_pages = block_tables.shape
     if num_q_heads % num_kv_heads:
         raise ValueError(f"{num_q_heads=} is not a multiple of {num_kv_heads=}")
@@ -584,33 +706,48 @@ def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_st
     v_flat = v_cache.reshape(num_pages * page_size, num_kv_heads, head_dim)
     common = dict(group=group, head_dim=head_dim, page_size=page_size, sm_scale=sm_scale,
                   soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret)
+    longest = num_tokens if max_q_len is None else min(num_tokens, max_q_len)
+    has_prefill = longest > max_q_decode
+
+    # The new K/V: written by the decode launch when it serves every sequence, else by
+    # one small launch before any attention reads them.
+    fused_write = None
+    if write and has_prefill:
+        k_flat, v_flat = _write_kv(q, k_flat, v_flat, slot_mapping.astype(jnp.int32),
+                                   num_q_heads=num_q_heads, head_dim=head_dim,
+                                   interpret=interpret)
+    elif write:
+        fused_write = slot_mapping.astype(jnp.int32)
 
     # Decode tiles: one per sequence, at most max_q_decode new tokens.
     seq_args = (query_start_loc, kv_lens)
+    decode = dict(decode_max_q=max_q_decode, slot_mapping=fused_write, cfg=dec_cfg, **common)
     if num_kv_splits > 1 and fused_combine:
-        out = _launch(seq_args, q, k_flat, v_flat, block_tables, out_init, cfg=dec_cfg,
-                      num_splits=num_kv_splits, out_mode="fused",
-                      name="ragged_paged_attention_decode_split",
-                      decode_max_q=max_q_decode, **common)[0]
+        out, *cache = _launch(seq_args, q, k_flat, v_flat, block_tables, out_init,
+                              num_splits=num_kv_splits, out_mode="fused",
+                              name="ragged_paged_attention_decode_split", **decode)
     elif num_kv_splits > 1:
-        o_part, lse = _launch(seq_args, q, k_flat, v_flat, block_tables, None, cfg=dec_cfg,
-                              num_splits=num_kv_splits, out_mode="split",
-                              name="ragged_paged_attention_decode_split",
-                              decode_max_q=max_q_decode, **common)
+        o_part, lse, *cache = _launch(seq_args, q, k_flat, v_flat, block_tables, None,
+                                      num_splits=num_kv_splits, out_mode="split",
+                                      name="ragged_paged_attention_decode_split", **decode)
         out = _combine(query_start_loc, kv_lens, o_part, lse, q, out_init, group=group,
                        head_dim=head_dim, max_q=max_q_decode, interpret=interpret)
     else:
-        out = _launch(seq_args, q, k_flat, v_flat, block_tables, out_init, cfg=dec_cfg,
-                      num_splits=1, out_mode="out", name="ragged_paged_attention_decode",
-                      decode_max_q=max_q_decode, **common)[0]
+        out, *cache = _launch(seq_args, q, k_flat, v_flat, block_tables, out_init,
+                              num_splits=1, out_mode="out",
+                              name="ragged_paged_attention_decode", **decode)
+    if fused_write is not None:
+        k_flat, v_flat = cache[-2:]
 
     # Prefill tiles: only if some sequence can have more new tokens than a decode tile.
-    longest = num_tokens if max_q_len is None else min(num_tokens, max_q_len)
-    if longest > max_q_decode:
+    if has_prefill:
         max_big_seqs = min(num_seqs, num_tokens // (max_q_decode + 1))
         num_tiles = max(num_tokens // q_tile + max_big_seqs, 1)
         pre_meta = _prefill_tiles(query_start_loc, kv_lens, max_q_decode, q_tile, num_tiles)
         out = _launch((pre_meta,), q, k_flat, v_flat, block_tables, out, cfg=pre_cfg,
                       num_splits=1, out_mode="out", name="ragged_paged_attention_prefill",
                       **common)[0]
+    if write:
+        shape = (num_pages, page_size, num_kv_heads, head_dim)
+        return out, k_flat.reshape(shape), v_flat.reshape(shape)
     return out

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas import ragged_paged_attention, write_kv_to_pages
+from kernels_pallas import write_kv_and_attend
 from models.config import ModelConfig
 
 
@@ -156,24 +156,25 @@ def decoder_layer(layer, k_cache, v_cache, x, batch, cos, sin, cfg: ModelConfig,
     first), then the SwiGLU MLP. Returns (x, k_cache, v_cache)."""
     t = x.shape[0]
     hd, nq, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-    q_size, kv_size, f = nq * hd, nkv * hd, cfg.intermediate_size
+    f = cfg.intermediate_size
 
     h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
     qkv = h @ layer["wqkv"]
     if cfg.attention_bias:
         qkv = qkv + layer["bqkv"]
-    q = qkv[:, :q_size].reshape(t, nq, hd)
-    k = qkv[:, q_size:q_size + kv_size].reshape(t, nkv, hd)
-    v = qkv[:, q_size + kv_size:].reshape(t, nkv, hd)
+    # Heads [0, nq) are queries, then nkv keys, then nkv values; they stay in one array
+    # (one fusion normalises and rotates q and k, the attention op reads all three).
+    qkv = qkv.reshape(t, nq + 2 * nkv, hd)
+    head = jnp.arange(nq + 2 * nkv)[None, :, None]
     if cfg.qk_norm:
-        q = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = jnp.where(head < nq, rms_norm(qkv, layer["q_norm"], cfg.rms_norm_eps),
+                        jnp.where(head < nq + nkv,
+                                  rms_norm(qkv, layer["k_norm"], cfg.rms_norm_eps), qkv))
+    qkv = jnp.where(head < nq + nkv, apply_rope(qkv, cos, sin), qkv)
 
-    k_cache, v_cache = write_kv_to_pages(k_cache, v_cache, k, v, batch["slot_mapping"])
-    o = ragged_paged_attention(
-        q, k_cache, v_cache, batch["seq_lens"], batch["block_tables"],
-        batch["query_start_loc"], sm_scale=hd ** -0.5,
+    o, k_cache, v_cache = write_kv_and_attend(
+        qkv, k_cache, v_cache, batch["slot_mapping"], batch["seq_lens"],
+        batch["block_tables"], batch["query_start_loc"], sm_scale=hd ** -0.5,
         sliding_window=cfg.sliding_window, impl=attn_impl)
     x = x + o.reshape(t, nq * hd) @ layer["wo"]
 

@@ -20,9 +20,14 @@ import pytest
 from kernels_pallas.ragged_paged_attention import (
     ragged_paged_attention,
     ragged_paged_attention_reference,
+    write_kv_and_attend,
     write_kv_to_pages,
 )
-from kernels_pallas.ragged_paged_attention_triton import KernelConfig, ragged_paged_attention_pallas
+from kernels_pallas.ragged_paged_attention_triton import (
+    KernelConfig,
+    ragged_paged_attention_pallas,
+    write_kv_and_attend_pallas,
+)
 
 ON_GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (jax.default_backend() != 'gpu')")
@@ -335,3 +340,62 @@ def test_write_then_attend():
     out = ragged_paged_attention_pallas(*args, sm_scale=0.125, interpret=True)
     ref = ragged_paged_attention_reference(*args, sm_scale=0.125)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# write_kv_and_attend: the new tokens' K/V written by the op itself.
+# --------------------------------------------------------------------------------------
+
+def new_token_slots(b: Batch, page_size: int) -> np.ndarray:
+    """Cache slot of every new token of the batch; padding tokens get the out-of-cache slot."""
+    bt = np.asarray(b.block_tables)
+    num_slots = b.k_clean.shape[0] * page_size
+    slots = [bt[s, pos // page_size] * page_size + pos % page_size
+             for s, (ql, kl) in enumerate(zip(b.q_lens, b.ctx_lens))
+             for pos in range(kl - ql, kl)]
+    pad = b.q.shape[0] - len(slots)
+    return np.asarray(slots + [num_slots] * pad, np.int32)
+
+
+# (id, q_lens, ctx_lens, extra kwargs): decode-sized steps (rows written by the decode
+# launch, with and without context splits; 4 tokens with padding fit a decode tile at
+# GQA 4) and steps with prefill chunks (separate write launch).
+WRITE_CASES = [
+    ("decode-fused", [1, 1, 1], [1, 300, 47], dict(num_kv_splits=1)),
+    ("decode-fused-split", [1, 1, 1], [1, 300, 47], dict(num_kv_splits=5)),
+    ("decodes-fused-hint", [1, 1, 1, 1, 1], [5, 17, 160, 33, 2], dict(max_q_len=1)),
+    ("chunk4-fused-split", [4, 1], [130, 129], dict(num_kv_splits=3, max_q_len=4)),
+    ("mixed-write-launch", [1, 37, 2, 200], [90, 37, 400, 260], {}),
+]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case", WRITE_CASES, ids=[c[0] for c in WRITE_CASES])
+def test_write_kv_and_attend_matches_reference(case, interpret):
+    _, q_lens, ctx_lens, kw = case
+    rng = np.random.default_rng(111)
+    hq, hkv, d, ps, dtype = 8, 2, 128, 16, jnp.bfloat16
+    b = make_batch(rng, q_lens, ctx_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                   page_size=ps, dtype=dtype, pad_seqs=1, pad_tokens=1)
+    t = b.q.shape[0]
+    kv_new = jnp.asarray(rng.standard_normal((t, 2 * hkv, d)), dtype)
+    qkv = jnp.concatenate([b.q, kv_new], axis=1)
+    slots = jnp.asarray(new_token_slots(b, ps))
+    meta = (b.kv_lens, b.block_tables, b.query_start_loc)
+    want, want_k, want_v = write_kv_and_attend(qkv, b.k_poison, b.v_poison, slots, *meta,
+                                               sm_scale=d ** -0.5, impl="xla")
+    out, k_cache, v_cache = write_kv_and_attend_pallas(
+        qkv, b.k_poison, b.v_poison, slots, *meta, sm_scale=d ** -0.5, interpret=interpret,
+        out_init=jnp.full_like(b.q, jnp.nan), **kw)
+    # Every slot but the new tokens' is untouched (NaN where it was NaN), and those hold
+    # exactly the new rows.
+    np.testing.assert_array_equal(np.asarray(k_cache, np.float32), np.asarray(want_k, np.float32))
+    np.testing.assert_array_equal(np.asarray(v_cache, np.float32), np.asarray(want_v, np.float32))
+    n = b.num_tokens
+    out = np.asarray(out[:n].astype(jnp.float32))
+    assert np.isfinite(out).all(), "unwritten output rows"
+    # The reference reads the clean cache, with the new rows written the same way.
+    ref = ragged_paged_attention_reference(
+        b.q, *write_kv_to_pages(b.k_clean, b.v_clean, kv_new[:, :hkv], kv_new[:, hkv:], slots),
+        *meta, sm_scale=d ** -0.5)
+    np.testing.assert_allclose(out, np.asarray(ref[:n].astype(jnp.float32)), **TOL[dtype])
