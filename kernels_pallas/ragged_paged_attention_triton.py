@@ -89,27 +89,27 @@ DECODE_CONFIG = KernelConfig(block_m=16, block_n=128, num_warps=4, num_stages=3)
 # gave 289 and (128, 64, 8, 3) 234.
 PREFILL_CONFIG = KernelConfig(block_m=256, block_n=64, num_warps=8, num_stages=2)
 # Decode tiles of launches split along the context (small batches, flash-decoding).
-# H200, batch 1 at 32k, measured with scripts/bench_kernels.py --tune-split (us per call,
-# timing loop included): this config with one program per SM (16 splits) 57.3; the same
-# with 2 per SM and the fused combine 58.5; block_n 64 with 5 stages, 2 per SM, fused
-# 57.3; block_n 64 with 3 per SM 62.6-63.6; block_n 32, 7 stages, 4 per SM 69.7.
-SPLIT_DECODE_CONFIG = KernelConfig(block_m=16, block_n=128, num_warps=4, num_stages=3)
+# H200, batch 1 at 32k, kernels' own time (split launch + combine, profiler): this config
+# with 2 programs per SM (32 splits) 39.1 us, 80% of copy bandwidth; block_n 64 with 5
+# stages 39.3; block_n 128, 3 stages: 39.8 with 32 splits, 45.2 with 16; block_n 32, 64
+# splits: 40.6-42.1.
+SPLIT_DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, num_warps=4, num_stages=6)
 # Float32 operands (or head_dim > 128) need half the shared memory per stage.
 DECODE_CONFIG_WIDE = KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)
 PREFILL_CONFIG_WIDE = KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
-# Split-KV heuristic for decode tiles: about this many programs per multiprocessor, all
-# resident at once ...
-SPLIT_PROGRAMS_PER_SM = 1
+# Split-KV heuristic for decode tiles: about this many programs per multiprocessor ...
+SPLIT_PROGRAMS_PER_SM = 2
 # ... with at most this many splits, each covering at least this many inner steps.
 MAX_KV_SPLITS = 64
 MIN_STEPS_PER_SPLIT = 2
 # Merge the splits in the split launch itself (last program to arrive) rather than in a
 # second launch.
 FUSED_COMBINE = False
-# The separate split-combine launch (one program per sequence and KV head); its loop over
-# the splits is software-pipelined (with 1 stage it was latency bound: batch 1 at 4k took
-# 27.5 us with it, 20.2 us now).
-COMBINE_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=3)
+# The separate split-combine launch (one program per output row, all splits loaded at
+# once; looping over the splits in one program per sequence and KV head took 5.5 us at
+# batch 1, context 32k, 16 splits, and 11.4 us with 32 splits on the H200), and the
+# standalone K/V write launch.
+COMBINE_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
 # Multiprocessor count used when the device does not report one (interpret mode on CPU).
 DEFAULT_NUM_SMS = 132
 
@@ -498,29 +498,37 @@ def _launch(tile_args, q, k_flat, v_flat, block_tables, out, *, group, head_dim,
 
 
 def _combine_kernel(qsl_ref, kvl_ref, o_part_ref, lse_ref, *refs, group: int,
-                    head_dim: int, num_splits: int, max_q: int, aliased: bool):
-    """Merge the flash-decoding partials of one (sequence, KV head) into the output rows."""
+                    head_dim: int, num_splits: int, max_q: int):
+    """Merge the flash-decoding partials of one output row (one new token and query head
+    of a sequence's KV head): every split's partial is loaded at once, so the merge costs
+    one round trip to memory however many splits there are."""
     out_ref = refs[-1]
-    seq, kv_head = pl.program_id(0), pl.program_id(1)
+    seq, kv_head, row = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     tok0, ntok, _ = _decode_tile(qsl_ref, kvl_ref, seq, max_q)
-    block_m, dp = o_part_ref.shape[-2:]
-    rows = jnp.arange(block_m, dtype=jnp.int32)
-    row_tok = rows // group
-    row_head = kv_head * group + rows % group
-    row_ok = row_tok < ntok
+    dp = o_part_ref.shape[-1]
 
-    @pl.when(ntok > 0)
+    @pl.when(row // group < ntok)
     def _():
-        o = _merge_splits(o_part_ref, lse_ref, seq, kv_head, num_splits, rows, row_ok, dp)
-        _store_rows(out_ref, o, tok0 + row_tok, row_head, row_ok, dp, head_dim)
+        sp = jnp.arange(_pow2(num_splits), dtype=jnp.int32)
+        ok = sp < num_splits
+        lse = plgpu.load(lse_ref.at[seq, kv_head, sp, row], mask=ok, other=-jnp.inf)
+        m = jnp.max(lse)
+        w = jnp.exp2(lse - jnp.where(m == -jnp.inf, 0.0, m))  # splits that saw nothing: 0
+        l = jnp.sum(w)
+        cols = jnp.arange(dp, dtype=jnp.int32)
+        o = plgpu.load(o_part_ref.at[seq, kv_head, sp[:, None], row, cols[None, :]],
+                       mask=jnp.broadcast_to(ok[:, None], (sp.shape[0], dp)), other=0.0)
+        o = jnp.sum(o * w[:, None], axis=0) / jnp.where(l == 0.0, 1.0, l)
+        plgpu.store(out_ref.at[tok0 + row // group, kv_head * group + row % group, cols],
+                    o.astype(out_ref.dtype), mask=cols < head_dim)
 
 
 def _combine(query_start_loc, kv_lens, o_part, lse, q, out, *, group, head_dim, max_q,
              interpret):
     """q: [T, >= Hq, D], for the output's token count and dtype."""
-    num_seqs, num_kv_heads, num_splits = o_part.shape[:3]
+    num_seqs, num_kv_heads, num_splits, block_m = o_part.shape[:4]
     kernel = functools.partial(_combine_kernel, group=group, head_dim=head_dim,
-                               num_splits=num_splits, max_q=max_q, aliased=out is not None)
+                               num_splits=num_splits, max_q=max_q)
     args = [query_start_loc, kv_lens, o_part, lse]
     aliases = {}
     if out is not None:
@@ -528,7 +536,7 @@ def _combine(query_start_loc, kv_lens, o_part, lse, q, out, *, group, head_dim, 
         args.append(out)
     return pl.pallas_call(
         kernel,
-        grid=(num_seqs, num_kv_heads),
+        grid=(num_seqs, num_kv_heads, block_m),
         out_shape=jax.ShapeDtypeStruct((q.shape[0], num_kv_heads * group, head_dim), q.dtype),
         input_output_aliases=aliases,
         compiler_params=_compiler_params(COMBINE_CONFIG),

@@ -446,7 +446,8 @@ def _split_defaults():
 def split_candidates():
     KC = rpa.KernelConfig
     return [
-        (KC(16, 128, 4, 3), 1, False),  # one program per SM, two launches (the defaults)
+        (KC(16, 64, 4, 6), 2, False),  # two programs per SM, two launches (the defaults)
+        (KC(16, 128, 4, 3), 1, False),
         (KC(16, 128, 4, 3), 2, True),
         (KC(16, 64, 4, 3), 3, True),
         (KC(16, 64, 4, 5), 2, True),
