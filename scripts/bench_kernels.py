@@ -458,7 +458,6 @@ def split_candidates():
         (KC(16, 128, 8, 3), 1, False),
         (KC(16, 128, 4, 3), 2, False),
         (KC(16, 64, 4, 4), 2, False),
-        (KC(16, 64, 4, 6), 2, False),
     ]
 
 
