@@ -45,6 +45,12 @@ sequence at run time from its number of new tokens:
 Both write into the same output buffer (the second launch aliases the first one's
 output), so a mixed batch of decodes and prefill chunks is one call.
 
+`write_kv_and_attend_pallas` also stores the new tokens' K/V, read from a [T, Hq + 2 Hkv, D]
+qkv array. When every sequence fits a decode tile, each decode program writes the new rows
+that fall in its own part of the context, then (after a barrier) attends over them: no
+other program reads those rows, so no launch is added. Otherwise a small launch writes
+them before the attention launches.
+
 Every Triton-specific parameter lives in `KernelConfig` and the constants right below
 it.
 """
