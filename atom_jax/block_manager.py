@@ -64,7 +64,7 @@ class BlockManager:
     def try_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Fresh blocks for a running sequence's next tokens, if the pool has them."""
         needed = self.blocks_needed(seq, num_new_tokens)
-        if needed > len(self.free_queue):
+        if needed > self.num_free_blocks:
             return False
         if needed:
             self.allocate(seq, num_new_tokens)
