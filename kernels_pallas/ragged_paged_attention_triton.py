@@ -34,7 +34,10 @@ sequence at run time from its number of new tokens:
   short speculative chunks). One tile per sequence, small `block_m`. When the batch is
   too small to fill the GPU, the context is split into `num_kv_splits` parts
   (flash-decoding): each part writes a partial output and its log-sum-exp (rows of real
-  tokens only), and a combine launch merges them into the output rows. With
+  tokens only), and a combine launch merges them into the output rows. The split count
+  is static (batch shape and cache capacity), but each sequence's context is dealt out at
+  run time: a short one leaves the later splits empty, their programs exit at once and
+  the combine reads only the active partials. With
   `fused_combine=True` there is no second launch: each split program bumps an int32
   arrival counter of its (sequence, KV head) with an atomic add after its stores, and
   the one that arrives last does the merge (on the H200 both forms timed the same at
@@ -108,6 +111,10 @@ SPLIT_PROGRAMS_PER_SM = 2
 # ... with at most this many splits, each covering at least this many inner steps.
 MAX_KV_SPLITS = 64
 MIN_STEPS_PER_SPLIT = 2
+# At run time a split covers at least this many blocks of the actual context (short
+# contexts then use fewer splits; the rest exit at once). On the H200, batch 1 at contexts
+# 128-1024 of an 8k cache: 1 gave 7.2-8.6 us (split + combine), 2 and 4 up to 1.5 us more.
+MIN_BLOCKS_PER_SPLIT = 1
 # Merge the splits in the split launch itself (last program to arrive) rather than in a
 # second launch.
 FUSED_COMBINE = False
@@ -199,6 +206,29 @@ def _decode_tile(qsl_ref, kvl_ref, seq, max_q):
     q_len = qsl_ref[seq + 1] - tok0
     ntok = jnp.where(q_len <= max_q, q_len, 0)
     return tok0, ntok, kvl_ref[seq] - q_len
+
+
+def _split_blocks(pos0, ntok, split, *, num_splits: int, block_n: int,
+                  sliding_window: int | None):
+    """(blocks [b_lo, b_hi) the tile attends to, this split's [s_lo, s_hi), active splits).
+
+    The tile's blocks are dealt out in runs of `per` (at least MIN_BLOCKS_PER_SPLIT), so a
+    short context leaves the later splits empty: those programs exit at once and the
+    combine reads only the first `active` partials.
+    """
+    kv_end = pos0 + ntok  # exclusive; the last row sees keys [.., kv_end)
+    if sliding_window is not None:
+        kv_start = jnp.maximum(pos0 - sliding_window + 1, 0)
+    else:
+        kv_start = jnp.int32(0)
+    b_lo = kv_start // block_n
+    b_hi = (kv_end + block_n - 1) // block_n
+    if num_splits == 1:
+        return b_lo, b_hi, b_lo, b_hi, jnp.int32(1)
+    per = jnp.maximum((b_hi - b_lo + num_splits - 1) // num_splits, MIN_BLOCKS_PER_SPLIT)
+    s_lo = jnp.minimum(b_lo + split * per, b_hi)
+    s_hi = jnp.minimum(s_lo + per, b_hi)
+    return b_lo, b_hi, s_lo, s_hi, (b_hi - b_lo + per - 1) // per
 
 
 def _store_rows(o_ref, o, tok, head, row_ok, dp: int, head_dim: int):
@@ -313,24 +343,17 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
             mask = mask & dmask
         return plgpu.load(ref, mask=jnp.broadcast_to(mask, (n, dp)), other=0)
 
-    @pl.when(ntok > 0)
+    kv_end = pos0 + ntok  # exclusive; the last row sees keys [.., kv_end)
+    b_lo, _, s_lo, s_hi, _ = _split_blocks(pos0, ntok, split, num_splits=num_splits,
+                                           block_n=block_n, sliding_window=sliding_window)
+    # An empty split writes nothing: the combine reads only the active splits' partials.
+    # (The fused merge reads every split, and every program must count itself in.)
+    run = (ntok > 0) & ((s_lo < s_hi) if out_mode == "split" else True)
+
+    @pl.when(run)
     def _():
         q = masked_load(_row_ref(q_ref, tok0 + row_tok, row_head, dp), row_ok[:, None],
                         block_m)
-
-        kv_end = pos0 + ntok  # exclusive; the last row sees keys [.., kv_end)
-        if sliding_window is not None:
-            kv_start = jnp.maximum(pos0 - sliding_window + 1, 0)
-        else:
-            kv_start = jnp.int32(0)
-        b_lo = kv_start // block_n
-        b_hi = (kv_end + block_n - 1) // block_n
-        if num_splits > 1:
-            per = (b_hi - b_lo + num_splits - 1) // num_splits
-            s_lo = jnp.minimum(b_lo + split * per, b_hi)
-            s_hi = jnp.minimum(s_lo + per, b_hi)
-        else:
-            s_lo, s_hi = b_lo, b_hi
         if new_kv_heads is not None:
             _write_new_rows(q_ref, slot_ref, k_ref, v_ref, new_kv_heads, kv_head, tok0, ntok,
                             pos0, s_lo * block_n, s_hi * block_n, decode_max_q, dp, head_dim)
@@ -504,19 +527,22 @@ def _launch(tile_args, q, k_flat, v_flat, block_tables, out, *, group, head_dim,
 
 
 def _combine_kernel(qsl_ref, kvl_ref, o_part_ref, lse_ref, *refs, group: int,
-                    head_dim: int, num_splits: int, max_q: int):
+                    head_dim: int, num_splits: int, max_q: int, block_n: int,
+                    sliding_window: int | None):
     """Merge the flash-decoding partials of one output row (one new token and query head
-    of a sequence's KV head): every split's partial is loaded at once, so the merge costs
-    one round trip to memory however many splits there are."""
+    of a sequence's KV head): every active split's partial is loaded at once, so the
+    merge costs one round trip to memory however many splits there are."""
     out_ref = refs[-1]
     seq, kv_head, row = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    tok0, ntok, _ = _decode_tile(qsl_ref, kvl_ref, seq, max_q)
+    tok0, ntok, pos0 = _decode_tile(qsl_ref, kvl_ref, seq, max_q)
     dp = o_part_ref.shape[-1]
+    *_, active = _split_blocks(pos0, ntok, 0, num_splits=num_splits, block_n=block_n,
+                               sliding_window=sliding_window)
 
     @pl.when(row // group < ntok)
     def _():
         sp = jnp.arange(_pow2(num_splits), dtype=jnp.int32)
-        ok = sp < num_splits
+        ok = sp < active
         lse = plgpu.load(lse_ref.at[seq, kv_head, sp, row], mask=ok, other=-jnp.inf)
         m = jnp.max(lse)
         w = jnp.exp2(lse - jnp.where(m == -jnp.inf, 0.0, m))  # splits that saw nothing: 0
@@ -530,11 +556,13 @@ def _combine_kernel(qsl_ref, kvl_ref, o_part_ref, lse_ref, *refs, group: int,
 
 
 def _combine(query_start_loc, kv_lens, o_part, lse, q, out, *, group, head_dim, max_q,
-             interpret):
-    """q: [T, >= Hq, D], for the output's token count and dtype."""
+             block_n, sliding_window, interpret):
+    """q: [T, >= Hq, D], for the output's token count and dtype; block_n and sliding_window
+    as the split launch's, which decide how many splits hold a partial."""
     num_seqs, num_kv_heads, num_splits, block_m = o_part.shape[:4]
     kernel = functools.partial(_combine_kernel, group=group, head_dim=head_dim,
-                               num_splits=num_splits, max_q=max_q)
+                               num_splits=num_splits, max_q=max_q, block_n=block_n,
+                               sliding_window=sliding_window)
     args = [query_start_loc, kv_lens, o_part, lse]
     aliases = {}
     if out is not None:
@@ -745,7 +773,8 @@ def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_st
                                       num_splits=num_kv_splits, out_mode="split",
                                       name="ragged_paged_attention_decode_split", **decode)
         out = _combine(query_start_loc, kv_lens, o_part, lse, q, out_init, group=group,
-                       head_dim=head_dim, max_q=max_q_decode, interpret=interpret)
+                       head_dim=head_dim, max_q=max_q_decode, block_n=dec_cfg.block_n,
+                       sliding_window=sliding_window, interpret=interpret)
     else:
         out, *cache = _launch(seq_args, q, k_flat, v_flat, block_tables, out_init,
                               num_splits=1, out_mode="out",
