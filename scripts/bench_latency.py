@@ -81,6 +81,53 @@ def first_token(args) -> None:
     print(f"PHASES {json.dumps(llm.engine.startup_times)}", flush=True)
 
 
+def hf_peer_child(args) -> None:
+    """Child process of --hf-peer: Hugging Face transformers `generate` (torch, eager, bf16)
+    on randomly initialised weights of the same config, batch 1, greedy, the same prompt and
+    output lengths. Prints one PEER line of JSON."""
+    import torch
+    import transformers
+    raw = json.loads(Path(args.model).read_text())
+    cls = getattr(transformers, raw["architectures"][0])
+    config = cls.config_class.from_dict(raw)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: dry runs only
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    t = time.perf_counter()
+    with torch.device(device):
+        model = cls._from_config(config, dtype=torch.bfloat16).eval()
+    load_s = time.perf_counter() - t
+    prompt = torch.full((1, args.prompt_len), 7, dtype=torch.long, device=device)
+
+    def run(n):
+        sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                 max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+        sync()
+        assert out.shape[1] == args.prompt_len + n
+        return time.perf_counter() - t
+
+    run(8)
+    elapsed = run(args.output_len)
+    print("PEER " + json.dumps({
+        "name": "transformers generate (torch eager)", "torch": torch.__version__,
+        "transformers": transformers.__version__, "init_s": load_s,
+        "tokens_per_s": args.output_len / elapsed, "generate_s": elapsed}), flush=True)
+
+
+def hf_peer(args) -> dict:
+    """Run hf_peer_child in a fresh process (its GPU memory is freed before the engine
+    starts); the peer's figures, or its error."""
+    cmd = [sys.executable, __file__, "--hf-peer-child", "--model", args.model,
+           "--prompt-len", str(args.prompt_len), "--output-len", str(args.output_len)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEER ")]
+    if proc.returncode or not line:
+        return {"error": proc.stderr[-2000:]}
+    return json.loads(line[0][len("PEER "):])
+
+
 def startup(args) -> dict:
     cache = tempfile.mkdtemp(prefix="atom-jax-cache-")
     env = dict(os.environ, ATOM_JAX_CACHE_DIR=cache, JAX_COMPILATION_CACHE_DIR=cache)
@@ -118,11 +165,16 @@ def main():
                    help="also trace decode steps: GPU kernel time per step and the top kernels")
     p.add_argument("--compile-threads", type=int, default=None)
     p.add_argument("--only-startup", action="store_true", help="time only the cold and warm start-up")
+    p.add_argument("--hf-peer", action="store_true",
+                   help="also time transformers generate on the same shapes (GPU, torch)")
     p.add_argument("--first-token", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--hf-peer-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.first_token:
         return first_token(args)
+    if args.hf_peer_child:
+        return hf_peer_child(args)
     if args.only_startup:
         result = {"benchmark": "startup", "device": device_name(), "versions": versions(),
                   "model": args.model, "load_format": args.load_format,
@@ -137,6 +189,7 @@ def main():
 
     from atom_jax import SamplingParams
     ceiling = copy_bandwidth_gbs()
+    peer = hf_peer(args) if args.hf_peer else None
     llm, engine_start = build_llm(args, args.max_num_seqs)
     print(f"engine start (load + compile {len(llm.engine.runner.buckets)} buckets): "
           f"{engine_start:.1f} s", flush=True)
@@ -188,7 +241,7 @@ def main():
                    "fraction_of_copy_bandwidth": achieved / ceiling},
         "prefill": {"tokens": args.prefill_len, "ttft_s": ttft, "effective_tflops": tflops},
         "buckets": eng.runner.buckets, "startup_phases_s": eng.startup_times,
-        "decode_profile": profile,
+        "decode_profile": profile, "hf_peer": peer,
     }
     if args.startup:
         result["startup"] = startup(args)
@@ -198,6 +251,9 @@ def main():
     print(f"  batch-1 decode : {tok_s:8.1f} tok/s  ({achieved:.0f} GB/s, "
           f"{100 * achieved / ceiling:.0f}% of copy)")
     print(f"  prefill {args.prefill_len:5d}  : TTFT {ttft * 1000:8.1f} ms  ({tflops:.0f} TFLOP/s)")
+    if peer:
+        print(f"  transformers   : {peer.get('tokens_per_s', float('nan')):8.1f} tok/s batch-1 "
+              f"generate {peer.get('error', '')[-300:]}")
     print(f"  engine start   : {engine_start:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in eng.startup_times.items())})")
     if profile:
         print(f"  decode profile : GPU busy {profile['gpu_busy_us_per_step']:.0f} us/step, "

@@ -142,6 +142,11 @@ def latency_section(name, data) -> list[str]:
              f"- prefill of {p['tokens']} tokens: TTFT {1000 * p['ttft_s']:.0f} ms "
              f"({p.get('effective_tflops', float('nan')):.0f} TFLOP/s)",
              f"- engine start (load + compile): {data['engine_start_s']:.0f} s"]
+    peer = data.get("hf_peer") or {}
+    if "tokens_per_s" in peer:
+        lines.append(f"- peer in the same run, {peer['name']} (transformers "
+                     f"{peer['transformers']}, torch {peer['torch']}): "
+                     f"{peer['tokens_per_s']:.1f} tokens/s batch-1 decode")
     prof = data.get("decode_profile")
     if prof:
         lines += [f"- decode step on the device timeline: {prof['gpu_busy_us_per_step']:.0f} us of "
