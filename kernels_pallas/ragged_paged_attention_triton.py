@@ -210,7 +210,8 @@ def _decode_tile(qsl_ref, kvl_ref, seq, max_q):
 
 def _split_blocks(pos0, ntok, split, *, num_splits: int, block_n: int,
                   sliding_window: int | None):
-    """(blocks [b_lo, b_hi) the tile attends to, this split's [s_lo, s_hi), active splits).
+    """(first block b_lo the tile attends to, this split's blocks [s_lo, s_hi), active
+    splits).
 
     The tile's blocks are dealt out in runs of `per` (at least MIN_BLOCKS_PER_SPLIT), so a
     short context leaves the later splits empty: those programs exit at once and the
@@ -224,11 +225,11 @@ def _split_blocks(pos0, ntok, split, *, num_splits: int, block_n: int,
     b_lo = kv_start // block_n
     b_hi = (kv_end + block_n - 1) // block_n
     if num_splits == 1:
-        return b_lo, b_hi, b_lo, b_hi, jnp.int32(1)
+        return b_lo, b_lo, b_hi, jnp.int32(1)
     per = jnp.maximum((b_hi - b_lo + num_splits - 1) // num_splits, MIN_BLOCKS_PER_SPLIT)
     s_lo = jnp.minimum(b_lo + split * per, b_hi)
     s_hi = jnp.minimum(s_lo + per, b_hi)
-    return b_lo, b_hi, s_lo, s_hi, (b_hi - b_lo + per - 1) // per
+    return b_lo, s_lo, s_hi, (b_hi - b_lo + per - 1) // per
 
 
 def _store_rows(o_ref, o, tok, head, row_ok, dp: int, head_dim: int):
@@ -344,8 +345,8 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
         return plgpu.load(ref, mask=jnp.broadcast_to(mask, (n, dp)), other=0)
 
     kv_end = pos0 + ntok  # exclusive; the last row sees keys [.., kv_end)
-    b_lo, _, s_lo, s_hi, _ = _split_blocks(pos0, ntok, split, num_splits=num_splits,
-                                           block_n=block_n, sliding_window=sliding_window)
+    b_lo, s_lo, s_hi, _ = _split_blocks(pos0, ntok, split, num_splits=num_splits,
+                                        block_n=block_n, sliding_window=sliding_window)
     # An empty split writes nothing: the combine reads only the active splits' partials.
     # (The fused merge reads every split, and every program must count itself in.)
     run = (ntok > 0) & ((s_lo < s_hi) if out_mode == "split" else True)

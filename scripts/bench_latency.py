@@ -95,7 +95,7 @@ def hf_peer_child(args) -> None:
     t = time.perf_counter()
     with torch.device(device):
         model = cls._from_config(config, dtype=torch.bfloat16).eval()
-    load_s = time.perf_counter() - t
+    init_s = time.perf_counter() - t
     prompt = torch.full((1, args.prompt_len), 7, dtype=torch.long, device=device)
 
     def run(n):
@@ -112,7 +112,7 @@ def hf_peer_child(args) -> None:
     elapsed = run(args.output_len)
     print("PEER " + json.dumps({
         "name": "transformers generate (torch eager)", "torch": torch.__version__,
-        "transformers": transformers.__version__, "init_s": load_s,
+        "transformers": transformers.__version__, "init_s": init_s,
         "tokens_per_s": args.output_len / elapsed, "generate_s": elapsed}), flush=True)
 
 
