@@ -22,8 +22,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-kv-blocks", type=int, default=None)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "pallas"])
-    g.add_argument("--matmul-impl", default="auto", choices=["auto", "xla", "pallas"],
-                   help="decode projections with RMSNorm/SiLU/residual fused in (auto: Pallas on GPU)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--compile-threads", type=int, default=None,
                    help="programs compiled at once at start-up (default: 1 on CPU, 8 on GPU)")

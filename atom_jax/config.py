@@ -17,7 +17,6 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb
     enable_prefix_caching: bool = True
     attn_impl: str = "auto"  # auto | xla | pallas
-    matmul_impl: str = "auto"  # auto | xla | pallas: the fused decode projections (Pallas on GPU)
     seed: int = 0  # seeds the per-request seeds of requests that give none
     compile_at_startup: bool = True  # compile every shape bucket before serving, then forbid compiles
     compile_threads: int | None = None  # programs compiled at once; None: 1 on CPU, 8 on GPU
@@ -32,6 +31,5 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        for name in ("attn_impl", "matmul_impl"):
-            if getattr(self, name) not in ("auto", "xla", "pallas"):
-                raise ValueError(f"{name} must be auto, xla or pallas, got {getattr(self, name)!r}")
+        if self.attn_impl not in ("auto", "xla", "pallas"):
+            raise ValueError(f"attn_impl must be auto, xla or pallas, got {self.attn_impl!r}")

@@ -83,7 +83,7 @@ class EngineCore:
             get_model_module(model_config), model_config, params, dtype=dtype,
             num_blocks=num_blocks, block_size=config.block_size, max_model_len=self.max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-            attn_impl=config.attn_impl, matmul_impl=config.matmul_impl, eos_token_ids=self.eos_token_ids)
+            attn_impl=config.attn_impl, eos_token_ids=self.eos_token_ids)
         jax.block_until_ready(self.runner.kv_cache)
         self.startup_times["kv_cache_s"] = time.perf_counter() - t0
         if config.compile_at_startup:

@@ -63,12 +63,12 @@ def token_buckets(max_tokens: int, smallest: int = 4) -> list[int]:
     return buckets + [max_tokens]
 
 
-def _forward_step(module, cfg, impls, params, kv_cache, batch, last_tokens):
+def _forward_step(module, cfg, attn_impl, params, kv_cache, batch, last_tokens):
     # A token sampled by the step still in flight is read from that step's output on device.
     batch = dict(batch)
     src = batch.pop("prev_index")
     batch["input_ids"] = jnp.where(src >= 0, last_tokens[jnp.maximum(src, 0)], batch["input_ids"])
-    return module.forward(params, kv_cache, batch, cfg, *impls)
+    return module.forward(params, kv_cache, batch, cfg, attn_impl)
 
 
 _forward_jit = jax.jit(_forward_step, static_argnums=(0, 1, 2), donate_argnums=(4,))
@@ -91,11 +91,11 @@ class LaunchedStep:
 class ModelRunner:
     def __init__(self, module, model_config, params, *, dtype, num_blocks: int, block_size: int,
                  max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 attn_impl: str = "auto", matmul_impl: str = "auto", eos_token_ids=()):
+                 attn_impl: str = "auto", eos_token_ids=()):
         self.module, self.model_config, self.params = module, model_config, params
         self.block_size, self.num_blocks = block_size, num_blocks
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
-        self.impls = (attn_impl, matmul_impl)  # (attention, projections): auto | xla | pallas
+        self.attn_impl = attn_impl
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.buckets = token_buckets(max_num_batched_tokens)
@@ -187,7 +187,7 @@ class ModelRunner:
     def run(self, inputs, sp, history, with_logprobs: bool = False, mode: str = "filter"):
         """Queue the model and the sampler; returns device arrays (tokens padded to
         max_num_seqs rows first)."""
-        self.kv_cache, logits = _forward_jit(self.module, self.model_config, self.impls,
+        self.kv_cache, logits = _forward_jit(self.module, self.model_config, self.attn_impl,
                                              self.params, self.kv_cache, inputs, self.last_tokens)
         out = sample_jit(logits, sp, history, with_logprobs=with_logprobs, mode=mode,
                          num_rows=self.max_num_seqs)
@@ -213,7 +213,7 @@ class ModelRunner:
         for t in self.buckets:
             inputs = self._padded_inputs(t)
             jobs.append(functools.partial(
-                _forward_jit.lower, self.module, self.model_config, self.impls, self.params,
+                _forward_jit.lower, self.module, self.model_config, self.attn_impl, self.params,
                 self.kv_cache, inputs, self.last_tokens))
         for s_pad in sorted({min(t, self.max_num_seqs) for t in self.buckets}):
             # the sampler compiles from the logits' shape alone

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas import write_kv_and_attend
-from kernels_pallas.decode_matmul import matmul_add, rms_norm, rms_norm_gate_up, rms_norm_matmul
 from models.config import ModelConfig
 
 
@@ -112,6 +111,13 @@ def fuse_projections(params: dict, cfg: ModelConfig) -> dict:
 
 # ---------------------------------------------------------------- building blocks
 
+def rms_norm(x, weight, eps):
+    # Statistics in float32, as Hugging Face does, whatever the compute dtype.
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     dim = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
@@ -145,47 +151,46 @@ def apply_rope(x, cos, sin):
 # ---------------------------------------------------------------- forward
 
 def decoder_layer(layer, k_cache, v_cache, x, batch, cos, sin, cfg: ModelConfig,
-                  attn_impl: str = "auto", matmul_impl: str = "auto"):
+                  attn_impl: str = "auto"):
     """One pre-norm block: attention over the paged cache (the new tokens' K/V written
-    first), then the SwiGLU MLP. Returns (x, k_cache, v_cache).
-
-    The projections go through kernels_pallas.decode_matmul: at decode sizes (a few
-    tokens) on GPU they run with the RMSNorm, SiLU-multiply and residual add fused in;
-    otherwise they are the plain `rms_norm(x) @ w` etc. that XLA compiles."""
+    first), then the SwiGLU MLP. Returns (x, k_cache, v_cache)."""
     t = x.shape[0]
     hd, nq, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-    eps = cfg.rms_norm_eps
+    f = cfg.intermediate_size
 
-    qkv = rms_norm_matmul(x, layer["attn_norm"], layer["wqkv"], eps=eps,
-                          bias=layer.get("bqkv"), impl=matmul_impl)
+    h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
+    qkv = h @ layer["wqkv"]
+    if cfg.attention_bias:
+        qkv = qkv + layer["bqkv"]
     # Heads [0, nq) are queries, then nkv keys, then nkv values; they stay in one array
     # (one fusion normalises and rotates q and k, the attention op reads all three).
     qkv = qkv.reshape(t, nq + 2 * nkv, hd)
     head = jnp.arange(nq + 2 * nkv)[None, :, None]
     if cfg.qk_norm:
-        qkv = jnp.where(head < nq, rms_norm(qkv, layer["q_norm"], eps),
-                        jnp.where(head < nq + nkv, rms_norm(qkv, layer["k_norm"], eps), qkv))
+        qkv = jnp.where(head < nq, rms_norm(qkv, layer["q_norm"], cfg.rms_norm_eps),
+                        jnp.where(head < nq + nkv,
+                                  rms_norm(qkv, layer["k_norm"], cfg.rms_norm_eps), qkv))
     qkv = jnp.where(head < nq + nkv, apply_rope(qkv, cos, sin), qkv)
 
     o, k_cache, v_cache = write_kv_and_attend(
         qkv, k_cache, v_cache, batch["slot_mapping"], batch["seq_lens"],
         batch["block_tables"], batch["query_start_loc"], sm_scale=hd ** -0.5,
         sliding_window=cfg.sliding_window, impl=attn_impl)
-    x = matmul_add(o.reshape(t, nq * hd), layer["wo"], x, impl=matmul_impl)
+    x = x + o.reshape(t, nq * hd) @ layer["wo"]
 
-    act = rms_norm_gate_up(x, layer["mlp_norm"], layer["w_gate_up"], eps=eps, impl=matmul_impl)
-    x = matmul_add(act, layer["w_down"], x, impl=matmul_impl)
+    h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
+    gate_up = h @ layer["w_gate_up"]
+    x = x + (jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:]) @ layer["w_down"]
     return x, k_cache, v_cache
 
 
 # Traced and lowered once per shape, then called per layer: XLA inlines the calls, so the
 # compiled step is the same as unrolled layers, but start-up (and the warm start that only
 # traces) does not trace the block once per layer.
-_decoder_layer = jax.jit(decoder_layer, static_argnums=(7, 8, 9))
+_decoder_layer = jax.jit(decoder_layer, static_argnums=(7, 8))
 
 
-def forward(params, kv_cache, batch, cfg: ModelConfig, attn_impl: str = "auto",
-            matmul_impl: str = "auto"):
+def forward(params, kv_cache, batch, cfg: ModelConfig, attn_impl: str = "auto"):
     """One ragged step over all scheduled tokens (params in the fuse_projections layout).
 
     batch: input_ids/positions/slot_mapping [T], query_start_loc [S+1], seq_lens [S],
@@ -200,7 +205,7 @@ def forward(params, kv_cache, batch, cfg: ModelConfig, attn_impl: str = "auto",
     new_cache = []
     for layer, (k_cache, v_cache) in zip(params["layers"], kv_cache):
         x, k_cache, v_cache = _decoder_layer(layer, k_cache, v_cache, x, layer_batch, cos, sin,
-                                             cfg, attn_impl, matmul_impl)
+                                             cfg, attn_impl)
         new_cache.append((k_cache, v_cache))
 
     x = rms_norm(x[batch["logits_indices"]], params["final_norm"], cfg.rms_norm_eps)

@@ -62,8 +62,7 @@ def build_llm(args, max_num_seqs: int):
                                        max_model_len=args.max_model_len,
                                        max_num_batched_tokens=args.max_num_batched_tokens,
                                        max_num_seqs=max_num_seqs,
-                                       compile_threads=getattr(args, "compile_threads", None),
-                                       matmul_impl=getattr(args, "matmul_impl", "auto")))
+                                       compile_threads=getattr(args, "compile_threads", None)))
     return llm, time.perf_counter() - t
 
 

@@ -134,7 +134,7 @@ def startup(args) -> dict:
     cmd = [sys.executable, __file__, "--first-token", "--model", args.model,
            "--load-format", args.load_format, "--max-model-len", str(args.max_model_len),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-           "--max-num-seqs", str(args.max_num_seqs), "--matmul-impl", args.matmul_impl]
+           "--max-num-seqs", str(args.max_num_seqs)]
     out = {}
     for label in ("cold", "warm"):
         t = time.time()
@@ -164,8 +164,6 @@ def main():
     p.add_argument("--profile", action="store_true",
                    help="also trace decode steps: GPU kernel time per step and the top kernels")
     p.add_argument("--compile-threads", type=int, default=None)
-    p.add_argument("--matmul-impl", default="auto", choices=["auto", "xla", "pallas"],
-                   help="xla: no fused decode projections (for comparison)")
     p.add_argument("--only-startup", action="store_true", help="time only the cold and warm start-up")
     p.add_argument("--hf-peer", action="store_true",
                    help="also time transformers generate on the same shapes (GPU, torch)")
@@ -236,7 +234,6 @@ def main():
     result = {
         "benchmark": "latency", "device": device_name(), "versions": versions(),
         "model": args.model, "load_format": args.load_format, "dtype": jax.numpy.dtype(eng.dtype).name,
-        "matmul_impl": args.matmul_impl,
         "copy_bandwidth_gbs": ceiling, "engine_start_s": engine_start,
         "decode": {"prompt_len": args.prompt_len, "output_len": args.output_len,
                    "tokens_per_s": tok_s, "ms_per_token": 1000 / tok_s,
