@@ -383,8 +383,8 @@ def test_write_kv_and_attend_matches_reference(case, interpret):
     qkv = jnp.concatenate([b.q, kv_new], axis=1)
     slots = jnp.asarray(new_token_slots(b, ps))
     meta = (b.kv_lens, b.block_tables, b.query_start_loc)
-    want, want_k, want_v = write_kv_and_attend(qkv, b.k_poison, b.v_poison, slots, *meta,
-                                               sm_scale=d ** -0.5, impl="xla")
+    _, want_k, want_v = write_kv_and_attend(qkv, b.k_poison, b.v_poison, slots, *meta,
+                                            sm_scale=d ** -0.5, impl="xla")
     out, k_cache, v_cache = write_kv_and_attend_pallas(
         qkv, b.k_poison, b.v_poison, slots, *meta, sm_scale=d ** -0.5, interpret=interpret,
         out_init=jnp.full_like(b.q, jnp.nan), **kw)
