@@ -168,7 +168,9 @@ def summarize(args, results: list[Result], duration: float) -> dict:
     total_in = sum(r.prompt_tokens for r in done)
     total_out = sum(r.output_tokens for r in done)
     out = {
-        "backend": "openai", "base_url": args.base_url, "dataset": args.dataset,
+        "backend": "openai", "base_url": args.base_url, "label": args.label,
+        "model": args.model, "dataset": args.dataset, "input_len": args.input_len,
+        "output_len": args.output_len, "ignore_eos": args.ignore_eos,
         "num_prompts": len(results), "request_rate": args.request_rate,
         "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,
         "duration": duration, "completed": len(done), "failed": len(results) - len(done),
@@ -184,9 +186,13 @@ def summarize(args, results: list[Result], duration: float) -> dict:
         out[f"std_{name}_ms"] = float(ms.std())
         for p in args.percentiles:
             out[f"p{p:g}_{name}_ms"] = float(np.percentile(ms, p))
-    out.update(input_lens=[r.prompt_tokens for r in results],
-               output_lens=[r.output_tokens for r in results], ttfts=[r.ttft for r in results],
-               itls=[r.itl for r in results], errors=[r.error for r in results])
+    if args.summary_only:
+        out["first_errors"] = sorted({r.error for r in results if r.error})[:5]
+    else:
+        out.update(input_lens=[r.prompt_tokens for r in results],
+                   output_lens=[r.output_tokens for r in results],
+                   ttfts=[r.ttft for r in results], itls=[r.itl for r in results],
+                   errors=[r.error for r in results])
     if args.save_texts:
         out["generated_texts"] = [r.text for r in results]
     return out
@@ -235,6 +241,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-texts", action="store_true", help="keep generated texts in the JSON")
     p.add_argument("--result-file", default=None, help="write the results as JSON here")
+    p.add_argument("--label", default=None,
+                   help="what was served (engine, model, device), kept in the JSON for the dashboard")
+    p.add_argument("--summary-only", action="store_true",
+                   help="leave the per-request lists (lengths, TTFTs, ITLs, errors) out of the JSON")
     args = p.parse_args(argv)
     args.base_url = args.base_url.rstrip("/")
     if args.model is None:

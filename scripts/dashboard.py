@@ -157,19 +157,46 @@ def latency_section(name, data) -> list[str]:
 
 
 def serving_section(runs, out_dir: Path) -> list[str]:
-    runs = sorted(runs, key=lambda r: r[1].get("max_concurrency") or r[1].get("request_rate") or 0)
-    xs = [r.get("max_concurrency") or r.get("request_rate") for _, r in runs]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    a.plot(xs, [r["output_throughput"] for _, r in runs], "o-")
-    a.set(xlabel="concurrency (or request rate)", ylabel="output tokens/s", title="Serving throughput")
-    for key in ("ttft", "tpot", "itl"):
-        pcts = sorted(k for k in runs[0][1] if k.startswith("p") and k.endswith(f"_{key}_ms"))
-        for k in pcts:
-            b.plot(xs, [r.get(k, float("nan")) for _, r in runs], "o-", label=k[:-3])
-    b.set(xlabel="concurrency (or request rate)", ylabel="ms", title="Latency percentiles")
-    b.legend(fontsize=7)
-    png = save_figure(fig, out_dir, "serving.png")
-    return ["### Serving", "", f"![serving]({png})", ""]
+    """One plot and table per served setup (bench_serving's --label): throughput and latency
+    percentiles against concurrency (or request rate)."""
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for name, run in runs:
+        groups.setdefault(run.get("label") or run.get("base_url") or "", []).append((name, run))
+    lines = []
+    for i, (label, group) in enumerate(groups.items()):
+        group.sort(key=lambda r: r[1].get("max_concurrency") or r[1].get("request_rate") or 0)
+        xs = [r.get("max_concurrency") or r.get("request_rate") for _, r in group]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+        a.plot(xs, [r["output_throughput"] for _, r in group], "o-")
+        a.set(xscale="log", xlabel="concurrency (or request rate)", ylabel="output tokens/s",
+              title="Serving throughput")
+        for key in ("ttft", "tpot", "itl"):
+            stats = [k for k in (f"median_{key}_ms", *sorted(
+                k for k in group[0][1] if k.startswith("p") and k.endswith(f"_{key}_ms")))
+                if k in group[0][1] and k != f"p50_{key}_ms"]
+            for k in stats:
+                b.plot(xs, [r.get(k, float("nan")) for _, r in group], "o-", label=k[:-3])
+        b.set(xscale="log", yscale="log", xlabel="concurrency (or request rate)", ylabel="ms",
+              title="Latency percentiles")
+        b.legend(fontsize=7)
+        png = save_figure(fig, out_dir, "serving.png" if i == 0 else f"serving-{i + 1}.png")
+        lines += ["### Serving", ""]
+        if label:
+            lines += [f"{label}; `scripts/bench_serving.py` against `python -m atom_jax.serve` "
+                      "over HTTP (streamed completions).", ""]
+        lines += [f"![serving]({png})", "",
+                  "| concurrency | requests | output tok/s | total tok/s | TTFT median / p99 ms "
+                  "| TPOT median / p99 ms | ITL median / p99 ms | result |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for (name, r), x in zip(group, xs):
+            def pair(key):
+                return (f"{r.get(f'median_{key}_ms', float('nan')):.1f} / "
+                        f"{r.get(f'p99_{key}_ms', float('nan')):.1f}")
+            lines.append(f"| {x} | {r.get('completed', '-')} | {r['output_throughput']:.0f} | "
+                         f"{r.get('total_token_throughput', float('nan')):.0f} | {pair('ttft')} | "
+                         f"{pair('tpot')} | {pair('itl')} | [json]({name}) |")
+        lines.append("")
+    return lines
 
 
 def headline_section(kinds) -> list[str]:

@@ -144,6 +144,22 @@ def test_bench_serving_script(server, tmp_path, dataset, arrival):
     assert "Serving Benchmark Result" in proc.stdout
 
 
+def test_bench_serving_summary_only_keeps_the_label_and_drops_per_request_lists(server, tmp_path):
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_serving.py"), "--base-url", server.url,
+         "--api-key", API_KEY, "--num-prompts", "3", "--input-len", "16", "--output-len", "3",
+         "--ignore-eos", "--max-concurrency", "2", "--summary-only", "--label", "engine X on Y",
+         "--result-file", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["label"] == "engine X on Y" and result["max_concurrency"] == 2
+    assert (result["input_len"], result["output_len"], result["ignore_eos"]) == (16, 3, True)
+    assert result["completed"] == 3 and result["total_output_tokens"] == 9
+    assert result["first_errors"] == []
+    assert not {"input_lens", "output_lens", "ttfts", "itls", "errors"} & result.keys()
+
+
 def test_sigterm_finishes_or_aborts_in_flight_requests_and_exits_zero(server):
     """The server runs with --shutdown-timeout 3: a short request finishes, long ones are
     aborted with a finish reason, new requests are refused, and the process exits 0."""
