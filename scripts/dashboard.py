@@ -156,6 +156,11 @@ def latency_section(name, data) -> list[str]:
     return lines + [""]
 
 
+def _median_p99(run: dict, key: str) -> str:
+    nan = float("nan")
+    return f"{run.get(f'median_{key}_ms', nan):.1f} / {run.get(f'p99_{key}_ms', nan):.1f}"
+
+
 def serving_section(runs, out_dir: Path) -> list[str]:
     """One plot and table per served setup (bench_serving's --label): throughput and latency
     percentiles against concurrency (or request rate)."""
@@ -171,9 +176,10 @@ def serving_section(runs, out_dir: Path) -> list[str]:
         a.set(xscale="log", xlabel="concurrency (or request rate)", ylabel="output tokens/s",
               title="Serving throughput")
         for key in ("ttft", "tpot", "itl"):
-            stats = [k for k in (f"median_{key}_ms", *sorted(
-                k for k in group[0][1] if k.startswith("p") and k.endswith(f"_{key}_ms")))
-                if k in group[0][1] and k != f"p50_{key}_ms"]
+            # the median, then the other percentiles the runs recorded (p50 is the median)
+            stats = [f"median_{key}_ms"] + sorted(
+                k for k in group[0][1] if k.startswith("p") and k.endswith(f"_{key}_ms")
+                and k != f"p50_{key}_ms")
             for k in stats:
                 b.plot(xs, [r.get(k, float("nan")) for _, r in group], "o-", label=k[:-3])
         b.set(xscale="log", yscale="log", xlabel="concurrency (or request rate)", ylabel="ms",
@@ -189,12 +195,10 @@ def serving_section(runs, out_dir: Path) -> list[str]:
                   "| TPOT median / p99 ms | ITL median / p99 ms | result |",
                   "|---|---|---|---|---|---|---|---|"]
         for (name, r), x in zip(group, xs):
-            def pair(key):
-                return (f"{r.get(f'median_{key}_ms', float('nan')):.1f} / "
-                        f"{r.get(f'p99_{key}_ms', float('nan')):.1f}")
             lines.append(f"| {x} | {r.get('completed', '-')} | {r['output_throughput']:.0f} | "
-                         f"{r.get('total_token_throughput', float('nan')):.0f} | {pair('ttft')} | "
-                         f"{pair('tpot')} | {pair('itl')} | [json]({name}) |")
+                         f"{r.get('total_token_throughput', float('nan')):.0f} | "
+                         f"{_median_p99(r, 'ttft')} | {_median_p99(r, 'tpot')} | "
+                         f"{_median_p99(r, 'itl')} | [json]({name}) |")
         lines.append("")
     return lines
 
