@@ -366,6 +366,11 @@ WRITE_CASES = [
     ("decode-fused-split", [1, 1, 1], [1, 300, 47], dict(num_kv_splits=5)),
     ("decodes-fused-hint", [1, 1, 1, 1, 1], [5, 17, 160, 33, 2], dict(max_q_len=1)),
     ("chunk4-fused-split", [4, 1], [130, 129], dict(num_kv_splits=3, max_q_len=4)),
+    # An empty cache before the new rows (a first chunk), and a window longer than a
+    # context block whose edge moves into the previous block across the tile's rows
+    # (the 4 tokens at 162-165 see from 63-66 on); soft cap on every score.
+    ("chunk4-first-window-split", [4, 4, 1, 2], [4, 166, 300, 90],
+     dict(num_kv_splits=4, max_q_len=4, sliding_window=100, soft_cap=30.0)),
     ("mixed-write-launch", [1, 37, 2, 200], [90, 37, 400, 260], {}),
 ]
 
@@ -374,6 +379,7 @@ WRITE_CASES = [
 @pytest.mark.parametrize("case", WRITE_CASES, ids=[c[0] for c in WRITE_CASES])
 def test_write_kv_and_attend_matches_reference(case, interpret):
     _, q_lens, ctx_lens, kw = case
+    masks = {k: kw[k] for k in ("sliding_window", "soft_cap") if k in kw}
     rng = np.random.default_rng(111)
     hq, hkv, d, ps, dtype = 8, 2, 128, 16, jnp.bfloat16
     b = make_batch(rng, q_lens, ctx_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
@@ -384,7 +390,7 @@ def test_write_kv_and_attend_matches_reference(case, interpret):
     slots = jnp.asarray(new_token_slots(b, ps))
     meta = (b.kv_lens, b.block_tables, b.query_start_loc)
     _, want_k, want_v = write_kv_and_attend(qkv, b.k_poison, b.v_poison, slots, *meta,
-                                            sm_scale=d ** -0.5, impl="xla")
+                                            sm_scale=d ** -0.5, impl="xla", **masks)
     out, k_cache, v_cache = write_kv_and_attend_pallas(
         qkv, b.k_poison, b.v_poison, slots, *meta, sm_scale=d ** -0.5, interpret=interpret,
         out_init=jnp.full_like(b.q, jnp.nan), **kw)
@@ -398,5 +404,5 @@ def test_write_kv_and_attend_matches_reference(case, interpret):
     # The reference reads the clean cache, with the new rows written the same way.
     ref = ragged_paged_attention_reference(
         b.q, *write_kv_to_pages(b.k_clean, b.v_clean, kv_new[:, :hkv], kv_new[:, hkv:], slots),
-        *meta, sm_scale=d ** -0.5)
+        *meta, sm_scale=d ** -0.5, **masks)
     np.testing.assert_allclose(out, np.asarray(ref[:n].astype(jnp.float32)), **TOL[dtype])
