@@ -90,10 +90,10 @@ class KernelConfig:
     num_stages: int
 
 
-# Decode-like tiles: few rows, memory bound; the wide inner step keeps many bytes in flight
-# (two 64 KB K+V steps in flight per program at head_dim 128 bf16; one program per SM).
-# H200, 64 decodes at 4k: 263 us (96% of copy bandwidth); block_n 64: 316 us.
-DECODE_CONFIG = KernelConfig(block_m=16, block_n=128, num_warps=4, num_stages=3)
+# Decode-like tiles: few rows, memory bound. H200, K/V write inside the launch, us, this
+# config against (block_n 128, 3 stages) and (64, 3): 64 decodes at 4k 243 / 248 / 308;
+# 256 at 512 135 / 142 / 145; 256 at 1,536 369 / 377 / 397; 512 at 1k 494 / 508 / 513.
+DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, num_warps=4, num_stages=2)
 # Prefill tiles: matrix-unit bound. H200, 16k causal, GQA 4: 408 TFLOP/s; (128, 128, 8, 3)
 # gave 289 and (128, 64, 8, 3) 234.
 PREFILL_CONFIG = KernelConfig(block_m=256, block_n=64, num_warps=8, num_stages=2)
