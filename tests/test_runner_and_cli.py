@@ -3,11 +3,13 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from atom_jax import SamplingParams
-from atom_jax.model_runner import CompileWhileServingError, token_buckets
+from atom_jax.model_runner import (CompileWhileServingError, pack_host_arrays, token_buckets,
+                                   unpack_arrays)
 from atom_jax.scheduler import ScheduledBatch
 
 
@@ -15,6 +17,21 @@ def test_token_buckets():
     assert token_buckets(256) == [4, 8, 16, 32, 64, 128, 256]
     assert token_buckets(100) == [4, 8, 16, 32, 64, 100]
     assert token_buckets(2) == [2]
+
+
+def test_packed_host_arrays_round_trip_inside_jit():
+    arrays = dict(ids=np.arange(6, dtype=np.int32).reshape(2, 3),
+                  temperature=np.array([0.0, 0.7, -1.5], np.float32),
+                  seed=np.array([0, 2**31 + 5], np.uint32))
+    flat, layout = pack_host_arrays(arrays)
+    assert flat.dtype == np.int32 and flat.size == 11
+    out = jax.jit(unpack_arrays, static_argnums=1)(flat, layout)
+    assert sorted(out) == sorted(arrays)
+    for name, a in arrays.items():
+        assert out[name].dtype == a.dtype and out[name].shape == a.shape
+        np.testing.assert_array_equal(np.asarray(out[name]), a)
+    with pytest.raises(TypeError, match="4-byte"):
+        pack_host_arrays(dict(x=np.zeros(2, np.int64)))
 
 
 def test_no_compilation_while_serving_and_the_guard_catches_one(llm):
