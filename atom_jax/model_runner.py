@@ -98,17 +98,13 @@ def _forward_step(module, cfg, attn_impl, layout, params, kv_cache, packed, last
 _forward_jit = jax.jit(_forward_step, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
 
 
-def _sample_step(logits, packed, layout, with_logprobs, mode, num_rows):
-    sp = unpack_arrays(packed, layout)
-    history = sp.pop("history", None)
-    return sample(logits, sp, history, with_logprobs=with_logprobs, mode=mode, num_rows=num_rows)
+def _sample_step(logits, packed, layout, history, with_logprobs, mode, num_rows):
+    # history (penalties only) stays an array of its own: one large transfer, no host copy
+    return sample(logits, unpack_arrays(packed, layout), history, with_logprobs=with_logprobs,
+                  mode=mode, num_rows=num_rows)
 
 
 _sample_jit = jax.jit(_sample_step, static_argnames=("layout", "with_logprobs", "mode", "num_rows"))
-
-
-def _pack_sampling(sp: dict, history):
-    return pack_host_arrays(sp if history is None else {**sp, "history": history})
 
 
 class LaunchedStep:
@@ -227,8 +223,8 @@ class ModelRunner:
         packed, layout = pack_host_arrays(inputs)
         self.kv_cache, logits = _forward_jit(self.module, self.model_config, self.attn_impl, layout,
                                              self.params, self.kv_cache, packed, self.last_tokens)
-        packed, layout = _pack_sampling(sp, history)
-        out = _sample_jit(logits, packed, layout, with_logprobs=with_logprobs, mode=mode,
+        packed, layout = pack_host_arrays(sp)
+        out = _sample_jit(logits, packed, layout, history, with_logprobs=with_logprobs, mode=mode,
                           num_rows=self.max_num_seqs)
         self.last_tokens = out[0]
         return out
@@ -260,11 +256,11 @@ class ModelRunner:
             variants = [(False, mode) for mode in SAMPLING_MODES] + [(True, "filter")]
             for with_penalties, mode in variants:
                 sp, history = self.prepare_sampling(ScheduledBatch([], []), s_pad, with_penalties)
-                packed, layout = _pack_sampling(sp, history)
+                packed, layout = pack_host_arrays(sp)
                 for with_logprobs in (False, True):
                     jobs.append(functools.partial(
-                        _sample_jit.lower, logits, packed, layout, with_logprobs=with_logprobs,
-                        mode=mode, num_rows=self.max_num_seqs))
+                        _sample_jit.lower, logits, packed, layout, history,
+                        with_logprobs=with_logprobs, mode=mode, num_rows=self.max_num_seqs))
         bar = tqdm(total=len(jobs), desc=f"Compiling {len(self.buckets)} shape buckets",
                    unit="program")
         with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
