@@ -25,6 +25,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--compile-threads", type=int, default=None,
                    help="programs compiled at once at start-up (default: 1 on CPU, 8 on GPU)")
+    g.add_argument("--num-scheduler-steps", type=int, default=None,
+                   help="decode steps per launch for small decode-only batches "
+                        "(default: 4 on GPU, 1 on CPU)")
+    g.add_argument("--multi-step-max-seqs", type=int, default=8,
+                   help="largest batch that runs several decode steps per launch")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -20,12 +20,17 @@ class EngineConfig:
     seed: int = 0  # seeds the per-request seeds of requests that give none
     compile_at_startup: bool = True  # compile every shape bucket before serving, then forbid compiles
     compile_threads: int | None = None  # programs compiled at once; None: 1 on CPU, 8 on GPU
+    # Decode steps per launch for small decode-only batches (the host queues one launch for
+    # several tokens); None: 4 on GPU, 1 on CPU. Applies to batches of at most
+    # multi_step_max_seqs sequences, each of which gets programs compiled at start-up.
+    num_scheduler_steps: int | None = None
+    multi_step_max_seqs: int = 8
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks",
-                     "compile_threads"):
+                     "compile_threads", "num_scheduler_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

@@ -76,16 +76,19 @@ class EngineCore:
                 f"num_kv_blocks: {num_blocks} blocks of {config.block_size} tokens cannot hold "
                 f"one sequence of max_model_len={self.max_model_len}")
 
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, budget)
         t0 = time.perf_counter()
+        steps = config.num_scheduler_steps or (4 if on_gpu else 1)
         self.runner = ModelRunner(
             get_model_module(model_config), model_config, params, dtype=dtype,
             num_blocks=num_blocks, block_size=config.block_size, max_model_len=self.max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-            attn_impl=config.attn_impl, eos_token_ids=self.eos_token_ids)
+            attn_impl=config.attn_impl, eos_token_ids=self.eos_token_ids,
+            num_scheduler_steps=steps, multi_step_max_seqs=config.multi_step_max_seqs)
         jax.block_until_ready(self.runner.kv_cache)
         self.startup_times["kv_cache_s"] = time.perf_counter() - t0
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, budget, steps,
+                                   max(self.runner.multi_step_buckets, default=0))
         if config.compile_at_startup:
             t0 = time.perf_counter()
             self.runner.warmup(config.compile_threads or (8 if on_gpu else 1))
@@ -216,10 +219,10 @@ class EngineCore:
         self._in_flight = None
         tokens, token_lps, top_ids, top_lps = launched.fetch()
         deltas = []
-        for row, seq, index in produced:
+        for row, seq, index, step in produced:
             if seq.is_finished:  # aborted or stopped while this step was in flight
                 continue
-            token = int(tokens[row])
+            token = int(tokens[step, row])
             self.scheduler.resolve(seq, index, token)
             req, i = self._seq_to_request[seq.seq_id]
             lp = None
@@ -232,6 +235,13 @@ class EngineCore:
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 seq.stop_reason = stop_reason
+            if step and deltas and deltas[-1].request_id == req.request_id and deltas[-1].index == i:
+                # the later tokens of a multi-step launch extend the sequence's delta
+                d = deltas[-1]
+                d.new_token_ids.append(token)
+                d.new_text += text
+                d.finished, d.finish_reason, d.stop_reason = reason is not None, reason, stop_reason
+                continue
             deltas.append(StepDelta(req.request_id, i, [token], text,
                                     [lp] if lp is not None else None, reason is not None,
                                     reason, stop_reason))

@@ -19,6 +19,7 @@ from atom_jax.sequence import PLACEHOLDER, Sequence, SequenceStatus
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]
+    num_steps: int = 1  # decode steps in one launch (each sequence then has 1 new token)
 
     @property
     def num_tokens(self) -> int:
@@ -29,10 +30,13 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 num_scheduler_steps: int = 1, multi_step_max_seqs: int = 0):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.num_scheduler_steps = num_scheduler_steps
+        self.multi_step_max_seqs = multi_step_max_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -91,7 +95,27 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+        if not preempted and self._can_run_steps(batch):
+            batch.num_steps = self.num_scheduler_steps
         return batch
+
+    def _can_run_steps(self, batch: ScheduledBatch) -> bool:
+        """Whether the batch may run num_scheduler_steps decode steps in one launch: a small
+        decode-only batch with nobody waiting (a newcomer would wait for the whole launch),
+        every sequence short of max_tokens by at least that many tokens (the launch cannot
+        stop early; tokens past a stop string or eos are dropped), sampling that needs no
+        host work between steps, and KV blocks for every step."""
+        k = self.num_scheduler_steps
+        if k < 2 or self.waiting or not batch.seqs or len(batch) > self.multi_step_max_seqs:
+            return False
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            p = seq.params
+            if (n != 1 or seq.num_tokens - seq.num_computed_tokens != 1
+                    or seq.num_output_tokens + k > seq.max_tokens
+                    or seq.num_output_tokens < p.min_tokens
+                    or p.uses_penalties or p.logprobs is not None):
+                return False
+        return all(self.block_manager.try_allocate(seq, k) for seq in batch.seqs)
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
@@ -101,18 +125,22 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def advance(self, batch: ScheduledBatch) -> list[tuple[int, Sequence, int]]:
+    def advance(self, batch: ScheduledBatch) -> list[tuple[int, Sequence, int, int]]:
         """Account for a launched step before its tokens are known, so the next step can be
         scheduled behind it: every sequence that will sample a token gets a PLACEHOLDER.
-        Returns (batch row, sequence, token index) for each of them (a prefill chunk that
-        does not reach the end of the prompt samples nothing)."""
+        Returns (batch row, sequence, token index, step of the launch) for each of them (a
+        prefill chunk that does not reach the end of the prompt samples nothing; a
+        multi-step launch samples num_steps tokens per sequence)."""
         produced = []
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             seq.num_computed_tokens += n
             if seq.num_computed_tokens == seq.num_tokens:
-                produced.append((row, seq, seq.num_tokens))
-                seq.token_ids.append(PLACEHOLDER)
-                seq.num_pending += 1
+                # each later step of a multi-step launch computes the token sampled before it
+                seq.num_computed_tokens += batch.num_steps - 1
+                for step in range(batch.num_steps):
+                    produced.append((row, seq, seq.num_tokens, step))
+                    seq.token_ids.append(PLACEHOLDER)
+                    seq.num_pending += 1
         return produced
 
     def resolve(self, seq: Sequence, index: int, token: int) -> None:

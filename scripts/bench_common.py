@@ -62,7 +62,8 @@ def build_llm(args, max_num_seqs: int):
                                        max_model_len=args.max_model_len,
                                        max_num_batched_tokens=args.max_num_batched_tokens,
                                        max_num_seqs=max_num_seqs,
-                                       compile_threads=getattr(args, "compile_threads", None)))
+                                       compile_threads=getattr(args, "compile_threads", None),
+                                       num_scheduler_steps=getattr(args, "num_scheduler_steps", None)))
     return llm, time.perf_counter() - t
 
 

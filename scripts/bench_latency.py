@@ -43,16 +43,17 @@ def decode_profile(eng, prompt_len: int, steps: int = 32) -> dict | None:
     import jax
 
     from atom_jax import SamplingParams
-    eng.add_request([5] * prompt_len, SamplingParams(temperature=0, max_tokens=steps + 16,
+    eng.add_request([5] * prompt_len, SamplingParams(temperature=0, max_tokens=4 * steps + 64,
                                                      ignore_eos=True), "profile")
     for _ in range(4):
         eng.step()
     trace_dir = tempfile.mkdtemp(prefix="atom-jax-trace-")
     with jax.profiler.trace(trace_dir):
         t = time.perf_counter()
-        for _ in range(steps):
-            eng.step()
-        wall = (time.perf_counter() - t) / steps
+        tokens = 0  # a launch may run several decode steps: figures are per token
+        while tokens < steps:
+            tokens += sum(len(d.new_token_ids) for d in eng.step())
+        wall = (time.perf_counter() - t) / tokens
     eng.abort("profile")
     while eng.has_unfinished():
         eng.step()
@@ -64,11 +65,11 @@ def decode_profile(eng, prompt_len: int, steps: int = 32) -> dict | None:
         by_name[name][0] += 1
         by_name[name][1] += dur
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:15]
-    span = (max(ts + d for _, ts, d in events) - min(ts for _, ts, _ in events)) / steps
-    return {"steps": steps, "wall_us_per_step_traced": wall * 1e6,
-            "gpu_busy_us_per_step": sum(d for _, _, d in events) / steps,
-            "gpu_span_us_per_step": span, "kernels_per_step": len(events) / steps,
-            "top_kernels": [{"name": n[:120], "per_step": c / steps, "us_per_step": d / steps}
+    span = (max(ts + d for _, ts, d in events) - min(ts for _, ts, _ in events)) / tokens
+    return {"steps": tokens, "wall_us_per_step_traced": wall * 1e6,
+            "gpu_busy_us_per_step": sum(d for _, _, d in events) / tokens,
+            "gpu_span_us_per_step": span, "kernels_per_step": len(events) / tokens,
+            "top_kernels": [{"name": n[:120], "per_step": c / tokens, "us_per_step": d / tokens}
                             for n, (c, d) in top]}
 
 
@@ -135,6 +136,8 @@ def startup(args) -> dict:
            "--load-format", args.load_format, "--max-model-len", str(args.max_model_len),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens),
            "--max-num-seqs", str(args.max_num_seqs)]
+    if args.num_scheduler_steps is not None:
+        cmd += ["--num-scheduler-steps", str(args.num_scheduler_steps)]
     out = {}
     for label in ("cold", "warm"):
         t = time.time()
@@ -164,6 +167,8 @@ def main():
     p.add_argument("--profile", action="store_true",
                    help="also trace decode steps: GPU kernel time per step and the top kernels")
     p.add_argument("--compile-threads", type=int, default=None)
+    p.add_argument("--num-scheduler-steps", type=int, default=None,
+                   help="decode steps per launch for small batches (default: the engine's)")
     p.add_argument("--only-startup", action="store_true", help="time only the cold and warm start-up")
     p.add_argument("--hf-peer", action="store_true",
                    help="also time transformers generate on the same shapes (GPU, torch)")
@@ -201,14 +206,13 @@ def main():
     greedy = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate([[7] * args.prompt_len], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     eng.add_request([7] * args.prompt_len, greedy, "decode")
-    times = []
+    times, counts = [], []  # when each step returned, and how many tokens it delivered
     while eng.has_unfinished():
-        eng.step()
+        counts.append(sum(len(d.new_token_ids) for d in eng.step()))
         times.append(time.perf_counter())
     eng.release("decode")
-    steps = len(times) - 1
-    decode_s = times[-1] - times[0]
-    tok_s = steps / decode_s
+    decode_s = times[-1] - times[0]  # from the first step's launch (the prefill) on
+    tok_s = sum(counts[1:]) / decode_s
     kv_bytes_per_token = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
                           * eng.runner.kv_cache[0][0].dtype.itemsize)
     mean_ctx = args.prompt_len + args.output_len / 2

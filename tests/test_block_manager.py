@@ -64,7 +64,7 @@ def test_freed_blocks_stay_cached_until_evicted_lru():
 
 def complete(sched, batch, tokens):
     """Launch-and-collect a step: advance, then resolve each placeholder with its token."""
-    for row, s, index in sched.advance(batch):
+    for row, s, index, _ in sched.advance(batch):
         sched.resolve(s, index, tokens[row])
 
 
@@ -113,7 +113,7 @@ def test_steps_in_flight_leave_placeholders_that_are_never_hashed_or_kept():
     sched.add(a)
     first = sched.schedule()
     produced = sched.advance(first)  # launched, tokens not yet known
-    assert [(row, s, i) for row, s, i in produced] == [(0, a, 7)]
+    assert produced == [(0, a, 7, 0)]
     assert a.token_ids[-1] == PLACEHOLDER and a.num_pending == 1
     second = sched.schedule()  # scheduled behind the first: decodes the placeholder
     assert second.seqs == [a] and second.num_new_tokens == [1]

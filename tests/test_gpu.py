@@ -30,7 +30,12 @@ def test_greedy_is_batch_invariant_on_gpu(tmp_path):
     prompts = varied_prompts()
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     together = llm.generate(prompts, params)
+    # alone, a sequence runs several decode steps per launch (the GPU default)
+    runner, launches = llm.engine.runner, []
+    run_steps = runner.run_steps
+    runner.run_steps = lambda *a: (launches.append(a[2]), run_steps(*a))[1]
     for prompt, out in zip(prompts, together):
         assert llm.generate(prompt, params)[0].outputs[0].token_ids == out.outputs[0].token_ids
+    assert launches and set(launches) == {4}
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
