@@ -26,8 +26,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--compile-threads", type=int, default=None,
                    help="programs compiled at once at start-up (default: 1 on CPU, 8 on GPU)")
     g.add_argument("--num-scheduler-steps", type=int, default=None,
-                   help="decode steps per launch for small decode-only batches "
-                        "(default: 4 on GPU, 1 on CPU)")
+                   help="decode steps per launch for small decode-only batches (default: "
+                        "on GPU 4 where start-up finds the host the bottleneck, else 1; "
+                        "1 on CPU)")
     g.add_argument("--multi-step-max-seqs", type=int, default=8,
                    help="largest batch that runs several decode steps per launch")
 

@@ -77,13 +77,16 @@ class EngineCore:
                 f"one sequence of max_model_len={self.max_model_len}")
 
         t0 = time.perf_counter()
+        # Multi-step decode: by default on GPU, where warm-up measures whether the host
+        # is the bottleneck of small batches (it is for small models).
         steps = config.num_scheduler_steps or (4 if on_gpu else 1)
         self.runner = ModelRunner(
             get_model_module(model_config), model_config, params, dtype=dtype,
             num_blocks=num_blocks, block_size=config.block_size, max_model_len=self.max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
             attn_impl=config.attn_impl, eos_token_ids=self.eos_token_ids,
-            num_scheduler_steps=steps, multi_step_max_seqs=config.multi_step_max_seqs)
+            num_scheduler_steps=steps, multi_step_max_seqs=config.multi_step_max_seqs,
+            multi_step_auto=config.num_scheduler_steps is None)
         jax.block_until_ready(self.runner.kv_cache)
         self.startup_times["kv_cache_s"] = time.perf_counter() - t0
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -93,6 +96,13 @@ class EngineCore:
             t0 = time.perf_counter()
             self.runner.warmup(config.compile_threads or (8 if on_gpu else 1))
             self.startup_times["compile_s"] = time.perf_counter() - t0
+            self.scheduler.multi_step_max_seqs = max(self.runner.multi_step_buckets, default=0)
+            if self.runner.multi_step_timing:
+                logger.info("multi-step decode %s: queueing a step takes the host %.2f ms, "
+                            "running it the device %.2f ms",
+                            "on" if self.runner.multi_step_buckets else "off",
+                            self.runner.multi_step_timing["host_ms"],
+                            self.runner.multi_step_timing["device_ms"])
         logger.info("start-up: %s; %d KV blocks of %d tokens",
                     ", ".join(f"{k} {v:.1f}" for k, v in self.startup_times.items()),
                     num_blocks, config.block_size)

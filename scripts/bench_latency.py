@@ -245,6 +245,9 @@ def main():
                    "fraction_of_copy_bandwidth": achieved / ceiling},
         "prefill": {"tokens": args.prefill_len, "ttft_s": ttft, "effective_tflops": tflops},
         "buckets": eng.runner.buckets, "startup_phases_s": eng.startup_times,
+        "multi_step": {"steps": eng.runner.num_scheduler_steps,
+                       "buckets": eng.runner.multi_step_buckets,
+                       "startup_timing": eng.runner.multi_step_timing},
         "decode_profile": profile, "hf_peer": peer,
     }
     if args.startup:
@@ -258,6 +261,9 @@ def main():
     if peer:
         print(f"  transformers   : {peer.get('tokens_per_s', float('nan')):8.1f} tok/s batch-1 "
               f"generate {peer.get('error', '')[-300:]}")
+    ms = eng.runner.multi_step_buckets
+    print(f"  multi-step     : {f'{eng.runner.num_scheduler_steps} steps per launch up to {max(ms)} sequences' if ms else 'off'}"
+          f" (start-up timing {eng.runner.multi_step_timing})")
     print(f"  engine start   : {engine_start:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in eng.startup_times.items())})")
     if profile:
         print(f"  decode profile : GPU busy {profile['gpu_busy_us_per_step']:.0f} us/step, "

@@ -84,6 +84,18 @@ def test_a_stop_inside_a_launch_ends_the_output_there(stepped):
     assert_all_blocks_free(stepped)
 
 
+def test_start_up_times_the_host_and_device_parts_of_a_step(stepped):
+    host, device = stepped.engine.runner.time_smallest_step(repeats=3)
+    assert 0 < host < 5 and 0 <= device < 5
+    # steps that were asked for are kept without timing; on CPU the default is one step
+    assert stepped.engine.runner.multi_step_timing is None
+    assert stepped.engine.scheduler.multi_step_max_seqs == 4
+    default = LLM(max_num_batched_tokens=16, max_model_len=256, compile_at_startup=False,
+                  kv_cache_memory_gb=0.05)
+    assert default.engine.runner.multi_step_buckets == []
+    assert default.engine.scheduler.num_scheduler_steps == 1
+
+
 def test_streamed_deltas_carry_every_token_of_a_launch(stepped):
     eng = stepped.engine
     stepped.launches.clear()
