@@ -147,11 +147,19 @@ def latency_section(name, data) -> list[str]:
         lines.append(f"- peer in the same run, {peer['name']} (transformers "
                      f"{peer['transformers']}, torch {peer['torch']}): "
                      f"{peer['tokens_per_s']:.1f} tokens/s batch-1 decode")
+    ms = data.get("multi_step")
+    if ms:
+        timing = ms.get("startup_timing") or {}
+        measured = (f" (start-up: {timing['host_ms']:.2f} ms of host time to queue a step, "
+                    f"{timing['device_ms']:.2f} ms on the device)" if timing else "")
+        state = (f"{ms['steps']} steps per launch for batches of up to {max(ms['buckets'])} sequences"
+                 if ms["buckets"] else "off")
+        lines.append(f"- multi-step decode: {state}{measured}")
     prof = data.get("decode_profile")
     if prof:
-        lines += [f"- decode step on the device timeline: {prof['gpu_busy_us_per_step']:.0f} us of "
-                  f"kernels per step ({prof['kernels_per_step']:.0f} kernels); the largest:"]
-        lines += [f"  - {k['name']}: {k['us_per_step']:.0f} us/step" for k in prof["top_kernels"][:6]]
+        lines += [f"- decode on the device timeline: {prof['gpu_busy_us_per_step']:.0f} us of "
+                  f"kernels per token ({prof['kernels_per_step']:.0f} kernels); the largest:"]
+        lines += [f"  - {k['name']}: {k['us_per_step']:.0f} us/token" for k in prof["top_kernels"][:6]]
     lines += [f"- note: {n}" for n in data.get("notes", [])]
     return lines + [""]
 
