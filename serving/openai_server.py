@@ -162,8 +162,9 @@ class OpenAIServer:
                 entries = _accumulate(c, d)
                 if not (prefix or d.new_text or d.finished or entries):
                     continue
+                usage = {"usage": _usage(streams, choices)} if body.continuous_usage else {}
                 yield _sse({**base, "choices": [choice_json(index, c, prefix + d.new_text,
-                                                             entries, offset)]})
+                                                             entries, offset)], **usage})
             if body.include_usage:
                 yield _sse({**base, "choices": [], "usage": _usage(streams, choices)})
 
@@ -197,11 +198,15 @@ class OpenAIServer:
 
         async def events():
             choices: dict[int, _Choice] = {}
+
+            def usage():  # in every chunk only with stream_options.continuous_usage_stats
+                return {"usage": _usage(streams, choices)} if body.continuous_usage else {}
+
             async for index, d in _merge(streams, params.n):
                 if index not in choices:  # the role first, when the choice's first output is in
                     yield _sse({**base, "choices": [{"index": index, "delta": {
                         "role": "assistant", "content": ""}, "logprobs": None,
-                        "finish_reason": None}]})
+                        "finish_reason": None}], **usage()})
                 c = choices.setdefault(index, _Choice())
                 entries = _accumulate(c, d)
                 if not (d.new_text or d.finished or entries):
@@ -209,7 +214,7 @@ class OpenAIServer:
                 yield _sse({**base, "choices": [{
                     "index": index, "delta": {"content": d.new_text} if d.new_text else {},
                     "logprobs": self.chat_logprobs(entries, top_n) if top_n is not None else None,
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]})
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}], **usage()})
             if body.include_usage:
                 yield _sse({**base, "choices": [], "usage": _usage(streams, choices)})
 

@@ -73,6 +73,11 @@ class _SamplingBody(_Body):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage in every streamed chunk too (vLLM's stream_options.continuous_usage_stats)."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
+
 
 class CompletionRequest(_SamplingBody):
     prompt: str | list[int] | list[str] | list[list[int]]

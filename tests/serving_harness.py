@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 300
 API_KEY = "test-key-0123"
 MODEL = "SmolLM2-135M-Instruct"
-SHARED_ARGS = ("--api-key", API_KEY, "--shutdown-timeout", "3")
+SHARED_ARGS = ("--api-key", API_KEY, "--shutdown-timeout", "3", "--num-scheduler-steps", "4")
 _shared: "ServerProcess | None" = None
 
 

@@ -102,6 +102,26 @@ def test_streaming_with_and_without_usage(client, offline):
     assert chat[-1].usage.completion_tokens == len(chat_exp.token_ids)
 
 
+def test_continuous_usage_counts_every_chunk_and_launches_carry_several_tokens(client, offline):
+    # The shared server runs 4 decode steps per launch (--num-scheduler-steps 4), so a
+    # lone greedy request streams chunks of up to 4 tokens; the text is the same.
+    exp = offline.generate(PROMPTS[1], SamplingParams(max_tokens=14, temperature=0))[0].outputs[0]
+    chunks = list(client.completions.create(
+        model=MODEL, prompt=PROMPTS[1], max_tokens=14, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == len(exp.token_ids)
+    assert max(b - a for a, b in zip([0] + counts, counts)) > 1
+    assert len([c for c in chunks if c.choices]) <= 7  # one step per chunk would give 14
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == exp.text
+    chat = list(client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=5, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"ignore_eos": True}))
+    assert chat[0].usage.completion_tokens == 0 and chat[-1].usage.completion_tokens == 5
+    assert all(c.usage.prompt_tokens == chat[0].usage.prompt_tokens for c in chat)
+
+
 def test_sse_wire_format_ends_with_done(server):
     with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
                       headers={"Authorization": f"Bearer {KEY}"},
