@@ -122,6 +122,9 @@ def throughput_run(args) -> dict:
         "preemptions": llm.engine.scheduler.num_preemptions,
         "sampling": "temperature 0.6, ignore_eos, random token ids (as nano-vllm's bench.py)",
         "compiles_after_startup": 0,  # the armed guard would have raised otherwise
+        "multi_step": {"steps": llm.engine.runner.num_scheduler_steps,
+                       "buckets": llm.engine.runner.multi_step_buckets,
+                       "startup_timing": llm.engine.runner.multi_step_timing},
     }
     name = Path(args.model).stem
     write_json(args.out if args.out != DEFAULT_OUT else f"docs/benchmarks/offline-{args.workload}-{name}.json", result)
