@@ -30,7 +30,8 @@ def test_greedy_is_batch_invariant_on_gpu(tmp_path):
     prompts = varied_prompts()
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     together = llm.generate(prompts, params)
-    # alone, a sequence runs several decode steps per launch (the GPU default)
+    # alone, a sequence runs several decode steps per launch: start-up picks that on GPU
+    # for a model this small (queueing a step takes the host longer than running it)
     runner, launches = llm.engine.runner, []
     run_steps = runner.run_steps
     runner.run_steps = lambda *a: (launches.append(a[2]), run_steps(*a))[1]
