@@ -22,8 +22,8 @@ class EngineConfig:
     compile_threads: int | None = None  # programs compiled at once; None: 1 on CPU, 8 on GPU
     # Decode steps per launch for small decode-only batches (the host queues one launch for
     # several tokens). None: on GPU 4 if start-up measures the host as the bottleneck of a
-    # small step, else 1; on CPU 1. Applies to batches of at most multi_step_max_seqs
-    # sequences; each bucket up to there gets two more programs compiled at start-up.
+    # small step, else 1 (4 without compile_at_startup); on CPU 1. For batches of at most
+    # multi_step_max_seqs sequences; each bucket up to there gets two more programs.
     num_scheduler_steps: int | None = None
     multi_step_max_seqs: int = 8
 
