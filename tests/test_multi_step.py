@@ -163,3 +163,33 @@ def test_scheduler_runs_one_step_when_steps_are_not_safe(case):
         sched.add(seq("p"))
     batch = sched.schedule()
     assert a in batch.seqs and batch.num_steps == 1
+
+
+@pytest.mark.parametrize("host_ms, device_ms, kept", [(1.25, 0.77, True), (1.62, 3.61, False)])
+def test_start_up_keeps_multi_step_only_where_the_host_is_the_bottleneck(
+        tmp_path, monkeypatch, host_ms, device_ms, kept):
+    import json
+
+    import jax.numpy as jnp
+
+    from atom_jax.loader import load_model
+    from atom_jax.model_runner import ModelRunner
+    from models import get_model_module
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 32,
+        "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "max_position_embeddings": 128}))
+    cfg, params, _, _ = load_model(str(tmp_path), jnp.float32, "dummy")
+    runner = ModelRunner(get_model_module(cfg), cfg, params, dtype=jnp.float32, num_blocks=16,
+                         block_size=4, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=8,
+                         num_scheduler_steps=K, multi_step_max_seqs=8, multi_step_auto=True)
+    assert runner.multi_step_buckets == [4]
+    # the two timings measured on the H200 (Qwen3-0.6B and Llama-3.1-8B shapes)
+    monkeypatch.setattr(runner, "time_smallest_step", lambda: (host_ms / 1e3, device_ms / 1e3))
+    ran = []
+    monkeypatch.setattr(runner, "run_steps", lambda *a: ran.append(a[2]) or
+                        ModelRunner.run_steps(runner, *a))
+    runner.warmup()
+    assert runner.multi_step_timing == pytest.approx({"host_ms": host_ms, "device_ms": device_ms})
+    assert runner.multi_step_buckets == ([4] if kept else [])
+    assert ran == ([K, K] if kept else [])  # both sampler variants ran under the guard
