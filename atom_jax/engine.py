@@ -89,20 +89,20 @@ class EngineCore:
             multi_step_auto=config.num_scheduler_steps is None)
         jax.block_until_ready(self.runner.kv_cache)
         self.startup_times["kv_cache_s"] = time.perf_counter() - t0
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, budget, steps,
-                                   max(self.runner.multi_step_buckets, default=0))
         if config.compile_at_startup:
             t0 = time.perf_counter()
             self.runner.warmup(config.compile_threads or (8 if on_gpu else 1))
             self.startup_times["compile_s"] = time.perf_counter() - t0
-            self.scheduler.multi_step_max_seqs = max(self.runner.multi_step_buckets, default=0)
             if self.runner.multi_step_timing:
                 logger.info("multi-step decode %s: queueing a step takes the host %.2f ms, "
                             "running it the device %.2f ms",
                             "on" if self.runner.multi_step_buckets else "off",
                             self.runner.multi_step_timing["host_ms"],
                             self.runner.multi_step_timing["device_ms"])
+        # after warm-up, which may have dropped the multi-step programs
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, budget, steps,
+                                   max(self.runner.multi_step_buckets, default=0))
         logger.info("start-up: %s; %d KV blocks of %d tokens",
                     ", ".join(f"{k} {v:.1f}" for k, v in self.startup_times.items()),
                     num_blocks, config.block_size)

@@ -150,9 +150,12 @@ def _decode_steps(module, cfg, attn_impl, layout, sp_layout, mode, num_steps, bl
 _decode_steps_jit = jax.jit(_decode_steps, static_argnums=tuple(range(8)), donate_argnums=(9,))
 
 
+MULTI_STEP_MODES = ("sample", "filter")
+
+
 def multi_step_mode(mode: str) -> str:
-    """The sampler variant of a multi-step launch: "sample" serves greedy rows too (argmax
-    where the temperature is 0), so each bucket needs two programs, not three."""
+    """The sampler variant of a multi-step launch (MULTI_STEP_MODES): "sample" serves greedy
+    rows too (argmax where the temperature is 0), so each bucket needs two programs, not three."""
     return "filter" if mode == "filter" else "sample"
 
 
@@ -355,7 +358,7 @@ class ModelRunner:
             packed, layout = pack_host_arrays(self._padded_inputs(t))
             sp, _ = self.prepare_sampling(ScheduledBatch([], []), t, False)
             sp_packed, sp_layout = pack_host_arrays(sp)
-            for mode in ("sample", "filter"):
+            for mode in MULTI_STEP_MODES:
                 jobs.append(functools.partial(
                     _decode_steps_jit.lower, self.module, self.model_config, self.attn_impl,
                     layout, sp_layout, mode, self.num_scheduler_steps, self.block_size,
@@ -365,7 +368,7 @@ class ModelRunner:
         for t in self.multi_step_buckets:
             inputs = self._padded_inputs(t)
             sp, _ = self.prepare_sampling(ScheduledBatch([], []), t, False)
-            for mode in ("sample", "filter"):
+            for mode in MULTI_STEP_MODES:
                 with self.guard:
                     self.run_steps(inputs, sp, self.num_scheduler_steps, mode)[0].block_until_ready()
 

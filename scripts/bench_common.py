@@ -67,6 +67,13 @@ def build_llm(args, max_num_seqs: int):
     return llm, time.perf_counter() - t
 
 
+def multi_step_info(engine) -> dict:
+    """What the engine chose for multi-step decode, for a benchmark's JSON."""
+    runner = engine.runner
+    return {"steps": runner.num_scheduler_steps, "buckets": runner.multi_step_buckets,
+            "startup_timing": runner.multi_step_timing}
+
+
 def write_json(path: str, result: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=2))

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 T_PROCESS_START = time.time()
 
 from scripts.bench_common import (build_llm, copy_bandwidth_gbs, device_name,  # noqa: E402
-                                  gpu_kernel_events, versions, write_json)
+                                  gpu_kernel_events, multi_step_info, versions,
+                                  write_json)
 
 
 def param_bytes(params) -> tuple[int, int]:
@@ -249,9 +250,7 @@ def main():
                    "fraction_of_copy_bandwidth": achieved / ceiling},
         "prefill": {"tokens": args.prefill_len, "ttft_s": ttft, "effective_tflops": tflops},
         "buckets": eng.runner.buckets, "startup_phases_s": eng.startup_times,
-        "multi_step": {"steps": eng.runner.num_scheduler_steps,
-                       "buckets": eng.runner.multi_step_buckets,
-                       "startup_timing": eng.runner.multi_step_timing},
+        "multi_step": multi_step_info(eng),
         "decode_profile": profile, "hf_peer": peer,
     }
     if startup_result:

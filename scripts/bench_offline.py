@@ -96,7 +96,8 @@ def throughput_run(args) -> dict:
     import random
 
     from atom_jax import SamplingParams
-    from scripts.bench_common import build_llm, device_name, versions, write_json
+    from scripts.bench_common import (build_llm, device_name, multi_step_info, versions,
+                                      write_json)
 
     n, (in_lo, in_hi), (out_lo, out_hi) = WORKLOADS[args.workload]
     n = args.requests or n
@@ -122,9 +123,7 @@ def throughput_run(args) -> dict:
         "preemptions": llm.engine.scheduler.num_preemptions,
         "sampling": "temperature 0.6, ignore_eos, random token ids (as nano-vllm's bench.py)",
         "compiles_after_startup": 0,  # the armed guard would have raised otherwise
-        "multi_step": {"steps": llm.engine.runner.num_scheduler_steps,
-                       "buckets": llm.engine.runner.multi_step_buckets,
-                       "startup_timing": llm.engine.runner.multi_step_timing},
+        "multi_step": multi_step_info(llm.engine),
     }
     name = Path(args.model).stem
     write_json(args.out if args.out != DEFAULT_OUT else f"docs/benchmarks/offline-{args.workload}-{name}.json", result)
