@@ -147,7 +147,12 @@ def _decode_steps(module, cfg, attn_impl, layout, sp_layout, mode, num_steps, bl
     return kv_cache, tokens, tokens[-1]
 
 
-_decode_steps_jit = jax.jit(_decode_steps, static_argnums=tuple(range(8)), donate_argnums=(9,))
+# XLA's rematerialization pass counts the K/V cache of every unrolled step as a buffer of
+# its own (the attention kernel updates it in place), estimates about twice the cache, more
+# than is free, and recomputes kernels to save memory the program never needs: on the H200 it added
+# about 25 GEMM launches per token to the Qwen3-0.6B shape's 4-step program.
+_decode_steps_jit = jax.jit(_decode_steps, static_argnums=tuple(range(8)), donate_argnums=(9,),
+                            compiler_options={"xla_disable_hlo_passes": "rematerialization"})
 
 
 MULTI_STEP_MODES = ("sample", "filter")
@@ -353,16 +358,8 @@ class ModelRunner:
             self.multi_step_timing = {"host_ms": host * 1e3, "device_ms": device * 1e3}
             if host < HOST_BOUND_FRACTION * device:
                 self.multi_step_buckets = []
-        jobs = []
-        for t in self.multi_step_buckets:
-            packed, layout = pack_host_arrays(self._padded_inputs(t))
-            sp, _ = self.prepare_sampling(ScheduledBatch([], []), t, False)
-            sp_packed, sp_layout = pack_host_arrays(sp)
-            for mode in MULTI_STEP_MODES:
-                jobs.append(functools.partial(
-                    _decode_steps_jit.lower, self.module, self.model_config, self.attn_impl,
-                    layout, sp_layout, mode, self.num_scheduler_steps, self.block_size,
-                    self.params, self.kv_cache, packed, sp_packed, self.last_tokens))
+        jobs = [functools.partial(_decode_steps_jit.lower, *self.multi_step_args(t, mode))
+                for t in self.multi_step_buckets for mode in MULTI_STEP_MODES]
         if jobs:
             self._compile(jobs, threads, f"Compiling {self.num_scheduler_steps}-step decode")
         for t in self.multi_step_buckets:
@@ -371,6 +368,15 @@ class ModelRunner:
             for mode in MULTI_STEP_MODES:
                 with self.guard:
                     self.run_steps(inputs, sp, self.num_scheduler_steps, mode)[0].block_until_ready()
+
+    def multi_step_args(self, t_pad: int, mode: str) -> tuple:
+        """The arguments of _decode_steps for an all-padding batch of t_pad sequences."""
+        packed, layout = pack_host_arrays(self._padded_inputs(t_pad))
+        sp, _ = self.prepare_sampling(ScheduledBatch([], []), t_pad, False)
+        sp_packed, sp_layout = pack_host_arrays(sp)
+        return (self.module, self.model_config, self.attn_impl, layout, sp_layout, mode,
+                self.num_scheduler_steps, self.block_size, self.params, self.kv_cache,
+                packed, sp_packed, self.last_tokens)
 
     @staticmethod
     def _compile(jobs, threads: int, desc: str) -> None:

@@ -40,3 +40,19 @@ def test_greedy_is_batch_invariant_on_gpu(tmp_path):
     assert launches and set(launches) == {4}
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_multi_step_programs_are_compiled_without_rematerialization(tmp_path):
+    # With the K/V cache taking most of the GPU, XLA's rematerialization pass counts the
+    # cache of every unrolled step as a buffer of its own and recomputes kernels to save
+    # memory the program does not need; the engine's multi-step program turns the pass off.
+    from atom_jax import model_runner as mr
+    make_tiny_model("LlamaForCausalLM", tmp_path, hidden_size=256, intermediate_size=512,
+                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    llm = LLM(str(tmp_path), dtype="bfloat16", max_num_batched_tokens=64, max_num_seqs=16,
+              max_model_len=512, num_scheduler_steps=4)  # K/V cache: 90% of free memory
+    runner = llm.engine.runner
+    args = runner.multi_step_args(runner.multi_step_buckets[0], "sample")
+    default = jax.jit(mr._decode_steps, static_argnums=tuple(range(8)), donate_argnums=(9,))
+    assert ".remat" in default.lower(*args).compile().as_text()
+    assert ".remat" not in mr._decode_steps_jit.lower(*args).compile().as_text()
