@@ -298,14 +298,18 @@ class ModelRunner:
         self.last_tokens = out[0]
         return out
 
-    def run_steps(self, inputs, sp, num_steps: int, mode: str):
-        """Queue num_steps decode steps of a decode-only batch (see _decode_steps)."""
+    def _decode_steps_args(self, inputs, sp, num_steps: int, mode: str) -> tuple:
+        """The arguments of _decode_steps for a batch's host arrays."""
         packed, layout = pack_host_arrays(inputs)
         sp_packed, sp_layout = pack_host_arrays(sp)
+        return (self.module, self.model_config, self.attn_impl, layout, sp_layout,
+                multi_step_mode(mode), num_steps, self.block_size,
+                self.params, self.kv_cache, packed, sp_packed, self.last_tokens)
+
+    def run_steps(self, inputs, sp, num_steps: int, mode: str):
+        """Queue num_steps decode steps of a decode-only batch (see _decode_steps)."""
         self.kv_cache, tokens, self.last_tokens = _decode_steps_jit(
-            self.module, self.model_config, self.attn_impl, layout, sp_layout,
-            multi_step_mode(mode), num_steps, self.block_size,
-            self.params, self.kv_cache, packed, sp_packed, self.last_tokens)
+            *self._decode_steps_args(inputs, sp, num_steps, mode))
         return (tokens,)
 
     def launch(self, batch: ScheduledBatch) -> LaunchedStep:
@@ -371,12 +375,9 @@ class ModelRunner:
 
     def multi_step_args(self, t_pad: int, mode: str) -> tuple:
         """The arguments of _decode_steps for an all-padding batch of t_pad sequences."""
-        packed, layout = pack_host_arrays(self._padded_inputs(t_pad))
         sp, _ = self.prepare_sampling(ScheduledBatch([], []), t_pad, False)
-        sp_packed, sp_layout = pack_host_arrays(sp)
-        return (self.module, self.model_config, self.attn_impl, layout, sp_layout, mode,
-                self.num_scheduler_steps, self.block_size, self.params, self.kv_cache,
-                packed, sp_packed, self.last_tokens)
+        return self._decode_steps_args(self._padded_inputs(t_pad), sp,
+                                       self.num_scheduler_steps, mode)
 
     @staticmethod
     def _compile(jobs, threads: int, desc: str) -> None:

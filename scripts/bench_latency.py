@@ -264,9 +264,10 @@ def main():
     if peer:
         print(f"  transformers   : {peer.get('tokens_per_s', float('nan')):8.1f} tok/s batch-1 "
               f"generate {peer.get('error', '')[-300:]}")
-    ms = eng.runner.multi_step_buckets
-    print(f"  multi-step     : {f'{eng.runner.num_scheduler_steps} steps per launch up to {max(ms)} sequences' if ms else 'off'}"
-          f" (start-up timing {eng.runner.multi_step_timing})")
+    ms = result["multi_step"]
+    choice = (f"{ms['steps']} steps per launch up to {max(ms['buckets'])} sequences"
+              if ms["buckets"] else "off")
+    print(f"  multi-step     : {choice} (start-up timing {ms['startup_timing']})")
     print(f"  engine start   : {engine_start:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in eng.startup_times.items())})")
     if profile:
         print(f"  decode profile : GPU busy {profile['gpu_busy_us_per_step']:.0f} us/step, "
