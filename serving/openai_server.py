@@ -162,9 +162,9 @@ class OpenAIServer:
                 entries = _accumulate(c, d)
                 if not (prefix or d.new_text or d.finished or entries):
                     continue
-                usage = {"usage": _usage(streams, choices)} if body.continuous_usage else {}
                 yield _sse({**base, "choices": [choice_json(index, c, prefix + d.new_text,
-                                                             entries, offset)], **usage})
+                                                             entries, offset)],
+                            **_chunk_usage(body, streams, choices)})
             if body.include_usage:
                 yield _sse({**base, "choices": [], "usage": _usage(streams, choices)})
 
@@ -198,15 +198,11 @@ class OpenAIServer:
 
         async def events():
             choices: dict[int, _Choice] = {}
-
-            def usage():  # in every chunk only with stream_options.continuous_usage_stats
-                return {"usage": _usage(streams, choices)} if body.continuous_usage else {}
-
             async for index, d in _merge(streams, params.n):
                 if index not in choices:  # the role first, when the choice's first output is in
                     yield _sse({**base, "choices": [{"index": index, "delta": {
                         "role": "assistant", "content": ""}, "logprobs": None,
-                        "finish_reason": None}], **usage()})
+                        "finish_reason": None}], **_chunk_usage(body, streams, choices)})
                 c = choices.setdefault(index, _Choice())
                 entries = _accumulate(c, d)
                 if not (d.new_text or d.finished or entries):
@@ -214,7 +210,8 @@ class OpenAIServer:
                 yield _sse({**base, "choices": [{
                     "index": index, "delta": {"content": d.new_text} if d.new_text else {},
                     "logprobs": self.chat_logprobs(entries, top_n) if top_n is not None else None,
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}], **usage()})
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}],
+                    **_chunk_usage(body, streams, choices)})
             if body.include_usage:
                 yield _sse({**base, "choices": [], "usage": _usage(streams, choices)})
 
@@ -289,6 +286,11 @@ def _usage(streams: list[RequestStream], choices: dict[int, _Choice]) -> dict:
     completion = sum(c.num_tokens for c in choices.values())
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
+
+
+def _chunk_usage(body, streams: list[RequestStream], choices: dict[int, _Choice]) -> dict:
+    """The usage so far, for a streamed chunk: only with stream_options.continuous_usage_stats."""
+    return {"usage": _usage(streams, choices)} if body.continuous_usage else {}
 
 
 def _sse(obj) -> str:
