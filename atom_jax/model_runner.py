@@ -147,11 +147,13 @@ def _decode_steps(module, cfg, attn_impl, layout, sp_layout, mode, num_steps, bl
     return kv_cache, tokens, tokens[-1]
 
 
+DECODE_STEPS_JIT_ARGS = dict(static_argnums=tuple(range(8)), donate_argnums=(9,))
+
 # XLA's rematerialization pass counts the K/V cache of every unrolled step as a buffer of
 # its own (the attention kernel updates it in place), estimates about twice the cache, more
 # than is free, and recomputes kernels to save memory the program never needs: on the H200
 # it added about 25 GEMM launches per token to the Qwen3-0.6B shape's 4-step program.
-_decode_steps_jit = jax.jit(_decode_steps, static_argnums=tuple(range(8)), donate_argnums=(9,),
+_decode_steps_jit = jax.jit(_decode_steps, **DECODE_STEPS_JIT_ARGS,
                             compiler_options={"xla_disable_hlo_passes": "rematerialization"})
 
 

@@ -53,6 +53,6 @@ def test_multi_step_programs_are_compiled_without_rematerialization(tmp_path):
               max_model_len=512, num_scheduler_steps=4)  # K/V cache: 90% of free memory
     runner = llm.engine.runner
     args = runner.multi_step_args(runner.multi_step_buckets[0], "sample")
-    default = jax.jit(mr._decode_steps, static_argnums=tuple(range(8)), donate_argnums=(9,))
+    default = jax.jit(mr._decode_steps, **mr.DECODE_STEPS_JIT_ARGS)  # the same jit, pass on
     assert ".remat" in default.lower(*args).compile().as_text()
     assert ".remat" not in mr._decode_steps_jit.lower(*args).compile().as_text()
