@@ -8,6 +8,7 @@ import pytest
 
 from atom_jax import LLM, SamplingParams
 from tests.test_engine_smollm2 import varied_prompts
+from tests.test_multi_step import count_multi_step_launches
 from tests.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -32,9 +33,7 @@ def test_greedy_is_batch_invariant_on_gpu(tmp_path):
     together = llm.generate(prompts, params)
     # alone, a sequence runs several decode steps per launch: start-up picks that on GPU
     # for a model this small (queueing a step takes the host longer than running it)
-    runner, launches = llm.engine.runner, []
-    run_steps = runner.run_steps
-    runner.run_steps = lambda *a: (launches.append(a[2]), run_steps(*a))[1]
+    launches = count_multi_step_launches(llm.engine.runner)
     for prompt, out in zip(prompts, together):
         assert llm.generate(prompt, params)[0].outputs[0].token_ids == out.outputs[0].token_ids
     assert launches and set(launches) == {4}

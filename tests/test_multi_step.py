@@ -18,8 +18,13 @@ def stepped():
     (one bucket: each program unrolls 4 model steps); every multi-step launch is counted."""
     llm = LLM(max_num_batched_tokens=16, max_num_seqs=8, max_model_len=256,
               num_scheduler_steps=K, multi_step_max_seqs=4)
-    runner = llm.engine.runner
-    assert runner.multi_step_buckets == [4]
+    assert llm.engine.runner.multi_step_buckets == [4]
+    llm.launches = count_multi_step_launches(llm.engine.runner)
+    return llm
+
+
+def count_multi_step_launches(runner) -> list[int]:
+    """From now on, the steps of every multi-step launch of the runner, in order."""
     launches = []
     run_steps = runner.run_steps
 
@@ -28,8 +33,7 @@ def stepped():
         return run_steps(inputs, sp, num_steps, mode)
 
     runner.run_steps = counted
-    llm.launches = launches
-    return llm
+    return launches
 
 
 def one_step_at_a_time(llm, prompts, params):
