@@ -354,10 +354,9 @@ class ModelRunner:
         self._compile(jobs, threads, f"Compiling {len(self.buckets)} shape buckets")
         self.guard = _CompileGuard()
         for t in self.buckets:
-            inputs = self._padded_inputs(t)
-            sp, history = self.prepare_sampling(ScheduledBatch([], []), len(inputs["seq_lens"]))
+            inputs, sp = self._padding_batch(t)
             with self.guard:
-                self.run(inputs, sp, history, mode="greedy")[0].block_until_ready()
+                self.run(inputs, sp, None, mode="greedy")[0].block_until_ready()
 
         if self.multi_step_buckets and self.multi_step_auto:
             host, device = self.time_smallest_step()
@@ -369,17 +368,22 @@ class ModelRunner:
         if jobs:
             self._compile(jobs, threads, f"Compiling {self.num_scheduler_steps}-step decode")
         for t in self.multi_step_buckets:
-            inputs = self._padded_inputs(t)
-            sp, _ = self.prepare_sampling(ScheduledBatch([], []), t, False)
+            inputs, sp = self._padding_batch(t)
             for mode in MULTI_STEP_MODES:
                 with self.guard:
                     self.run_steps(inputs, sp, self.num_scheduler_steps, mode)[0].block_until_ready()
 
     def multi_step_args(self, t_pad: int, mode: str) -> tuple:
         """The arguments of _decode_steps for an all-padding batch of t_pad sequences."""
-        sp, _ = self.prepare_sampling(ScheduledBatch([], []), t_pad, False)
-        return self._decode_steps_args(self._padded_inputs(t_pad), sp,
-                                       self.num_scheduler_steps, mode)
+        return self._decode_steps_args(*self._padding_batch(t_pad), self.num_scheduler_steps,
+                                       mode)
+
+    def _padding_batch(self, t_pad: int) -> tuple[dict, dict]:
+        """An all-padding batch of t_pad tokens and its sampling arrays (greedy rows, no
+        penalties): what warm-up and the start-up timing run."""
+        inputs = self._padded_inputs(t_pad)
+        sp, _ = self.prepare_sampling(ScheduledBatch([], []), len(inputs["seq_lens"]), False)
+        return inputs, sp
 
     @staticmethod
     def _compile(jobs, threads: int, desc: str) -> None:
@@ -395,8 +399,7 @@ class ModelRunner:
         """(host seconds to queue, device seconds to run) one step of the smallest bucket,
         medians of `repeats` unpipelined runs: the host part is what a multi-step launch
         saves per step."""
-        inputs = self._padded_inputs(self.buckets[0])
-        sp, _ = self.prepare_sampling(ScheduledBatch([], []), len(inputs["seq_lens"]), False)
+        inputs, sp = self._padding_batch(self.buckets[0])
         queued, done = [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
