@@ -118,6 +118,12 @@ def hf_peer_child(args) -> None:
         "tokens_per_s": args.output_len / elapsed, "generate_s": elapsed}), flush=True)
 
 
+PEER_NOTE = ("The transformers peer is `generate` in eager PyTorch as installed (randomly "
+             "initialised weights, default attention, dynamic cache); why it is this slow on "
+             "the H200 was not profiled, so it is a floor, not a tuned peer. gpt-fast reached "
+             "198 tokens/s on this GPU for the same shape.")
+
+
 def hf_peer(args) -> dict:
     """Run hf_peer_child in a fresh process (its GPU memory is freed before the engine
     starts); the peer's figures, or its error."""
@@ -252,6 +258,7 @@ def main():
         "buckets": eng.runner.buckets, "startup_phases_s": eng.startup_times,
         "multi_step": multi_step_info(eng),
         "decode_profile": profile, "hf_peer": peer,
+        "notes": [PEER_NOTE] if peer else [],
     }
     if startup_result:
         result["startup"] = startup_result
