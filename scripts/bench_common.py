@@ -2,15 +2,37 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def source_commit() -> str:
+    """The commit of the code being measured, "+dirty" when the tree has uncommitted changes:
+    from git where the checkout has its history, else ATOM_JAX_SOURCE_COMMIT (a copied tree
+    without .git, e.g. on a benchmark machine), else "unknown"."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    if not (REPO / ".git").exists():
+        return os.environ.get("ATOM_JAX_SOURCE_COMMIT", "unknown")
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("ATOM_JAX_SOURCE_COMMIT", "unknown")
 
 
 def versions() -> dict:
     import jax
     import jaxlib
-    out = {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "python": platform.python_version()}
+    out = {"atom_jax_commit": source_commit(), "jax": jax.__version__,
+           "jaxlib": jaxlib.__version__, "python": platform.python_version()}
     for name in ("transformers", "torch", "triton"):
         try:
             out[name] = __import__(name).__version__

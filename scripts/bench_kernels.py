@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from kernels_pallas import ragged_paged_attention_triton as rpa  # noqa: E402
-from scripts.bench_common import device_time_per_call  # noqa: E402
+from scripts.bench_common import device_time_per_call, source_commit  # noqa: E402
 from kernels_pallas.ragged_paged_attention import ragged_paged_attention_reference  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
@@ -260,7 +260,7 @@ def main():
 
     dev = jax.devices()[0]
     info = dict(device=getattr(dev, "device_kind", str(dev)), platform=dev.platform,
-                num_sms=rpa._num_sms(), jax=jax.__version__,
+                num_sms=rpa._num_sms(), atom_jax_commit=source_commit(), jax=jax.__version__,
                 jaxlib=_jaxlib_version(),
                 python=platform.python_version(),
                 shapes=dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, page_size=PAGE,

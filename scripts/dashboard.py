@@ -62,7 +62,8 @@ def kernel_section(name, data, out_dir: Path) -> list[str]:
               f"{sh['head_dim']}, page {sh['page_size']}, {sh['dtype']}")
     lines = [f"### Ragged paged attention kernel ({name})", "",
              f"{info['device']}, jax {info['jax']}, {shapes}; copy bandwidth "
-             f"{copy:.0f} GB/s measured in the same run.", "", f"![decode bandwidth]({png})", "",
+             f"{copy:.0f} GB/s measured in the same run.{measured_code({'versions': info})}", "",
+             f"![decode bandwidth]({png})", "",
              "Timing loop: median per call of a jitted loop of calls (its own cost included); "
              "device: the kernels' own time from the profiler's device timeline.", "",
              "| decode | loop (us) | GB/s | % of copy | device (us) | % of copy |",
@@ -95,11 +96,19 @@ def tuning_section(name, data) -> list[str]:
     return lines + [""]
 
 
+def measured_code(data) -> str:
+    """Which commit a result measured, where its JSON records one (older ones do not)."""
+    commit = (data.get("versions") or {}).get("atom_jax_commit")
+    if not commit or commit == "unknown":
+        return ""
+    return f" Code: {commit.split('+')[0][:10]}" + (" with uncommitted changes." if "+dirty" in commit else ".")
+
+
 def startup_section(name, data) -> list[str]:
     s = data["startup"]
     lines = [f"### Start-up to first token ({name})", "",
              f"{data['model']} on {data['device']}, fresh processes, from process start to the "
-             "first generated token.", "", "| | seconds | load | KV cache | compile (or cache load) |",
+             f"first generated token.{measured_code(data)}", "", "| | seconds | load | KV cache | compile (or cache load) |",
              "|---|---|---|---|---|"]
     for label in ("cold", "warm"):
         ph = s.get(f"{label}_phases_s") or {}
@@ -129,14 +138,16 @@ def offline_section(name, data, out_dir: Path) -> list[str]:
                   for k, v in engines.items()]
     else:
         lines += [f"{data['requests']} requests on {data['device']}: "
-                  f"{data['output_tok_per_s']:.0f} output tok/s, {data['total_tok_per_s']:.0f} total tok/s."]
+                  f"{data['output_tok_per_s']:.0f} output tok/s, {data['total_tok_per_s']:.0f} total tok/s."
+                  f"{measured_code(data)}"]
     return lines + [""]
 
 
 def latency_section(name, data) -> list[str]:
     d, p = data["decode"], data["prefill"]
     lines = [f"### Latency ({name})", "", f"{data['model']} ({data['dtype']}, {data['load_format']} weights) "
-             f"on {data['device']}; copy bandwidth {data['copy_bandwidth_gbs']:.0f} GB/s in the same run.", "",
+             f"on {data['device']}; copy bandwidth {data['copy_bandwidth_gbs']:.0f} GB/s in the same run."
+             f"{measured_code(data)}", "",
              f"- batch-1 decode: {d['tokens_per_s']:.1f} tokens/s, {d['achieved_gbs']:.0f} GB/s "
              f"({100 * d['fraction_of_copy_bandwidth']:.0f}% of copy)",
              f"- prefill of {p['tokens']} tokens: TTFT {1000 * p['ttft_s']:.0f} ms "

@@ -28,3 +28,12 @@ def test_dashboard_plots_serving_runs_against_concurrency(tmp_path):
     main(["--dir", str(tmp_path)])
     assert "![serving](serving.png)" in (tmp_path / "README.md").read_text()
     assert (tmp_path / "serving.png").stat().st_size > 1000
+
+
+def test_dashboard_names_the_commit_a_result_measured(tmp_path):
+    import json
+    result = json.loads((BENCHMARKS / "latency-llama-3.1-8b.json").read_text())
+    result["versions"]["atom_jax_commit"] = "0123456789abcdef0123456789abcdef01234567+dirty"
+    (tmp_path / "latency-x.json").write_text(json.dumps(result))
+    main(["--dir", str(tmp_path)])
+    assert "Code: 0123456789 with uncommitted changes." in (tmp_path / "README.md").read_text()
