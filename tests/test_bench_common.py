@@ -2,7 +2,7 @@
 import re
 import subprocess
 
-import scripts.bench_common as bench_common
+from scripts import bench_common
 
 
 def test_source_commit_names_the_checkout_head():
