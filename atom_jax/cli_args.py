@@ -18,7 +18,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--kv-cache-memory-gb", type=float, default=None)
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="fraction of the GPU's memory the engine may take (default: "
+                        "$XLA_PYTHON_CLIENT_MEM_FRACTION if set, else 0.9)")
+    g.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                   help="K/V cache size (default: 1 GiB on CPU; on GPU 90%% of the memory "
+                        "the weights leave)")
     g.add_argument("--num-kv-blocks", type=int, default=None)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "pallas"])

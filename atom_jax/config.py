@@ -13,7 +13,11 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int | None = None  # None: 32 on CPU, 256 on GPU
     max_num_batched_tokens: int | None = None  # per-step token budget; None: 256 on CPU, 8192 on GPU
-    kv_cache_memory_gb: float | None = None  # None: 1 GiB on CPU, 90% of free memory on GPU
+    # Fraction of each GPU's memory JAX's allocator may take (weights, K/V cache, activations),
+    # as vLLM's flag of that name. None: XLA_PYTHON_CLIENT_MEM_FRACTION where set, else 0.9
+    # (JAX's own default of 0.75 would leave a quarter of the GPU to nothing).
+    gpu_memory_utilization: float | None = None
+    kv_cache_memory_gb: float | None = None  # None: 1 GiB on CPU, 90% of what the weights leave on GPU
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb
     enable_prefix_caching: bool = True
     attn_impl: str = "auto"  # auto | xla | pallas
@@ -35,6 +39,9 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        util = self.gpu_memory_utilization
+        if util is not None and not 0 < util <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.attn_impl not in ("auto", "xla", "pallas"):

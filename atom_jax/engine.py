@@ -9,6 +9,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax._src import xla_bridge  # backends_are_initialized: no public equivalent
 
 from atom_jax.block_manager import BlockManager
 from atom_jax.config import EngineConfig
@@ -25,6 +26,23 @@ from models import get_model_module
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+
+
+def claim_gpu_memory(fraction: float | None) -> None:
+    """Set the share of GPU memory JAX's allocator takes (XLA_PYTHON_CLIENT_MEM_FRACTION).
+    JAX reads it once, when its backends start, so this must run before anything touches a
+    device. None keeps a fraction the environment sets, else takes the default."""
+    env = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    wanted = fraction if fraction is not None else (None if env else DEFAULT_GPU_MEMORY_UTILIZATION)
+    if wanted is None or (env and float(env) == wanted):
+        return
+    if xla_bridge.backends_are_initialized():
+        if fraction is not None:  # asked for explicitly: say it did not happen
+            logger.warning("gpu_memory_utilization=%s not applied: JAX's backends had already "
+                           "started (set it before the process first uses JAX)", fraction)
+        return
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(wanted)
 
 
 class _Request:
@@ -40,6 +58,7 @@ class EngineCore:
         config = config or EngineConfig(**kwargs)
         config.validate()
         self.config = config
+        claim_gpu_memory(config.gpu_memory_utilization)
         if jax.config.jax_compilation_cache_dir is None:  # restarts reuse compiled buckets
             jax.config.update("jax_compilation_cache_dir",
                               os.environ.get("ATOM_JAX_CACHE_DIR",

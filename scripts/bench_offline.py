@@ -119,13 +119,15 @@ def throughput_run(args) -> dict:
         "input_tokens": in_tokens, "output_tokens": out_tokens, "seconds": seconds,
         "output_tok_per_s": out_tokens / seconds, "total_tok_per_s": (in_tokens + out_tokens) / seconds,
         "engine_start_s": startup, "max_num_seqs": args.max_num_seqs,
+        "kv_cache_tokens": llm.engine.runner.num_blocks * llm.engine.runner.block_size,
+        "gpu_memory_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "preemptions": llm.engine.scheduler.num_preemptions,
         "sampling": "temperature 0.6, ignore_eos, random token ids (as nano-vllm's bench.py)",
         "compiles_after_startup": 0,  # the armed guard would have raised otherwise
         "multi_step": multi_step_info(llm.engine),
     }
-    name = Path(args.model).stem
+    name = Path(args.model).stem if args.model else "smollm2-135m"  # None: the embedded model
     write_json(args.out if args.out != DEFAULT_OUT else f"docs/benchmarks/offline-{args.workload}-{name}.json", result)
     print(f"\n{args.workload} on {result['device']}: {n} requests, {out_tokens} output tokens in "
           f"{seconds:.1f} s -> {result['output_tok_per_s']:.0f} output tok/s, "

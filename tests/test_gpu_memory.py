@@ -1,0 +1,59 @@
+"""gpu_memory_utilization: the share of GPU memory JAX's allocator is told to take."""
+import logging
+
+import pytest
+
+from atom_jax import EngineConfig
+from atom_jax import engine as engine_module
+from atom_jax.cli_args import add_engine_args, engine_config_from_args
+
+ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+
+
+@pytest.fixture
+def fresh_process(monkeypatch):
+    """As if JAX's backends had not started yet, with no fraction in the environment."""
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(engine_module.xla_bridge, "backends_are_initialized", lambda: False)
+    return monkeypatch
+
+
+def test_default_claims_nine_tenths(fresh_process):
+    engine_module.claim_gpu_memory(None)
+    assert engine_module.os.environ[ENV] == "0.9"
+
+
+def test_explicit_fraction_wins_over_the_environment(fresh_process):
+    fresh_process.setenv(ENV, "0.5")
+    engine_module.claim_gpu_memory(0.8)
+    assert engine_module.os.environ[ENV] == "0.8"
+
+
+def test_environment_is_kept_when_no_fraction_is_asked_for(fresh_process):
+    fresh_process.setenv(ENV, "0.6")
+    engine_module.claim_gpu_memory(None)
+    assert engine_module.os.environ[ENV] == "0.6"
+
+
+def test_too_late_to_apply_is_said_and_changes_nothing(fresh_process, caplog):
+    fresh_process.setattr(engine_module.xla_bridge, "backends_are_initialized", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="atom_jax.engine"):
+        engine_module.claim_gpu_memory(0.8)
+        engine_module.claim_gpu_memory(None)  # the default is not worth a warning
+    assert ENV not in engine_module.os.environ
+    assert len(caplog.records) == 1
+    assert "gpu_memory_utilization=0.8 not applied" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 1.5])
+def test_out_of_range_fraction_is_rejected(bad):
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        EngineConfig(gpu_memory_utilization=bad).validate()
+
+
+def test_cli_flag_reaches_the_config():
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    config = engine_config_from_args(parser.parse_args(["--gpu-memory-utilization", "0.85"]))
+    assert config.gpu_memory_utilization == 0.85
