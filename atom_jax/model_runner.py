@@ -62,12 +62,15 @@ class _CompileGuard:
                 "the start-up buckets")
 
 
-def token_buckets(max_tokens: int, smallest: int = 4) -> list[int]:
+def token_buckets(max_tokens: int, smallest: int = 4, also: tuple[int, ...] = ()) -> list[int]:
+    """Powers of two from `smallest` up to max_tokens, max_tokens itself, and each of `also`
+    in between (max_num_seqs, so that a full decode batch runs unpadded)."""
     buckets, b = [], min(smallest, max_tokens)
     while b < max_tokens:
         buckets.append(b)
         b *= 2
-    return buckets + [max_tokens]
+    extra = [a for a in also if buckets and buckets[0] < a < max_tokens]
+    return sorted(set(buckets + extra + [max_tokens]))
 
 
 def pack_host_arrays(arrays: dict) -> tuple[np.ndarray, tuple]:
@@ -193,7 +196,7 @@ class ModelRunner:
         self.attn_impl = attn_impl
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_blocks_per_seq = -(-max_model_len // block_size)
-        self.buckets = token_buckets(max_num_batched_tokens)
+        self.buckets = token_buckets(max_num_batched_tokens, also=(max_num_seqs,))
         # Buckets that also get a program running num_scheduler_steps decode steps per
         # launch: small decode batches, where queueing a step costs the host more than the
         # step costs the device. Their bucket must give every token a sequence row.

@@ -17,6 +17,9 @@ def test_token_buckets():
     assert token_buckets(256) == [4, 8, 16, 32, 64, 128, 256]
     assert token_buckets(100) == [4, 8, 16, 32, 64, 100]
     assert token_buckets(2) == [2]
+    # a full decode batch of max_num_seqs sequences gets a bucket of its own
+    assert token_buckets(8192, also=(384,))[:9] == [4, 8, 16, 32, 64, 128, 256, 384, 512]
+    assert token_buckets(256, also=(256,)) == token_buckets(256, also=(512,)) == token_buckets(256)
 
 
 def test_packed_host_arrays_round_trip_inside_jit():
