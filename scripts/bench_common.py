@@ -12,20 +12,22 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def source_commit() -> str:
-    """The commit of the code being measured, "+dirty" when the tree has uncommitted changes:
-    from git where the checkout has its history, else ATOM_JAX_SOURCE_COMMIT (a copied tree
-    without .git, e.g. on a benchmark machine), else "unknown"."""
+    """The commit of the code being measured: ATOM_JAX_SOURCE_COMMIT where set (a tree copied
+    to a benchmark machine, whose own .git, if any, need not match it), else git's HEAD,
+    "+dirty" over uncommitted changes, else "unknown"."""
+    if os.environ.get("ATOM_JAX_SOURCE_COMMIT"):
+        return os.environ["ATOM_JAX_SOURCE_COMMIT"]
+    if not (REPO / ".git").exists():
+        return "unknown"
+
     def git(*args):
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
-    if not (REPO / ".git").exists():
-        return os.environ.get("ATOM_JAX_SOURCE_COMMIT", "unknown")
     try:
-        commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-        return commit + ("+dirty" if dirty else "")
+        return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("ATOM_JAX_SOURCE_COMMIT", "unknown")
+        return "unknown"
 
 
 def versions() -> dict:
