@@ -9,7 +9,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-from jax._src import xla_bridge  # backends_are_initialized: no public equivalent
 
 from atom_jax.block_manager import BlockManager
 from atom_jax.config import EngineConfig
@@ -22,6 +21,12 @@ from atom_jax.scheduler import Scheduler
 from atom_jax.sequence import Sequence
 from atom_jax.tokenizer import check_token_ids, load_tokenizer
 from models import get_model_module
+
+try:  # private, with no public equivalent
+    from jax._src.xla_bridge import backends_are_initialized
+except ImportError:  # then the fraction is set regardless, and may come too late to apply
+    def backends_are_initialized() -> bool:
+        return False
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +42,7 @@ def claim_gpu_memory(fraction: float | None) -> None:
     wanted = fraction if fraction is not None else (None if env else DEFAULT_GPU_MEMORY_UTILIZATION)
     if wanted is None or (env and float(env) == wanted):
         return
-    if xla_bridge.backends_are_initialized():
+    if backends_are_initialized():
         if fraction is not None:  # asked for explicitly: say it did not happen
             logger.warning("gpu_memory_utilization=%s not applied: JAX's backends had already "
                            "started (set it before the process first uses JAX)", fraction)

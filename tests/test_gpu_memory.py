@@ -14,7 +14,7 @@ ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 def fresh_process(monkeypatch):
     """As if JAX's backends had not started yet, with no fraction in the environment."""
     monkeypatch.delenv(ENV, raising=False)
-    monkeypatch.setattr(engine_module.xla_bridge, "backends_are_initialized", lambda: False)
+    monkeypatch.setattr(engine_module, "backends_are_initialized", lambda: False)
     return monkeypatch
 
 
@@ -36,7 +36,7 @@ def test_environment_is_kept_when_no_fraction_is_asked_for(fresh_process):
 
 
 def test_too_late_to_apply_is_said_and_changes_nothing(fresh_process, caplog):
-    fresh_process.setattr(engine_module.xla_bridge, "backends_are_initialized", lambda: True)
+    fresh_process.setattr(engine_module, "backends_are_initialized", lambda: True)
     with caplog.at_level(logging.WARNING, logger="atom_jax.engine"):
         engine_module.claim_gpu_memory(0.8)
         engine_module.claim_gpu_memory(None)  # the default is not worth a warning
