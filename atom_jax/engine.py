@@ -127,9 +127,12 @@ class EngineCore:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, budget, steps,
                                    max(self.runner.multi_step_buckets, default=0))
-        logger.info("start-up: %s; %d KV blocks of %d tokens",
+        kv_tokens = num_blocks * config.block_size
+        logger.info("start-up: %s; %d KV blocks of %d tokens: %d tokens, %.1f sequences of "
+                    "max_model_len %d at once",
                     ", ".join(f"{k} {v:.1f}" for k, v in self.startup_times.items()),
-                    num_blocks, config.block_size)
+                    num_blocks, config.block_size, kv_tokens, kv_tokens / self.max_model_len,
+                    self.max_model_len)
         self.requests: dict[str, _Request] = {}
         self._seq_to_request: dict[str, tuple[_Request, int]] = {}
         self._in_flight = None  # (LaunchedStep, what Scheduler.advance returned) of the last step
