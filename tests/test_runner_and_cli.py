@@ -22,6 +22,14 @@ def test_token_buckets():
     assert token_buckets(256, also=(256,)) == token_buckets(256, also=(512,)) == token_buckets(256)
 
 
+def test_a_full_decode_batch_runs_in_a_bucket_of_max_num_seqs():
+    from atom_jax import LLM, EngineConfig
+    llm = LLM.from_config(EngineConfig(max_num_seqs=6, max_num_batched_tokens=64,
+                                       max_model_len=256, compile_at_startup=False,
+                                       kv_cache_memory_gb=0.05))
+    assert llm.engine.runner._bucket(6) == 6 and llm.engine.runner._bucket(7) == 8
+
+
 def test_packed_host_arrays_round_trip_inside_jit():
     arrays = dict(ids=np.arange(6, dtype=np.int32).reshape(2, 3),
                   temperature=np.array([0.0, 0.7, -1.5], np.float32),
