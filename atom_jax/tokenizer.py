@@ -11,13 +11,28 @@ def load_tokenizer(kind: str, path: Path):
         has_files = any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model",
                                                        "tokenizer_config.json"))
         return load_tokenizer("hf", path) if has_files else None
-    from transformers import AutoTokenizer  # here: importing it costs seconds of start-up
     if kind == "gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return _load_gguf_tokenizer(path)
+    from transformers import AutoTokenizer  # here: importing it costs seconds of start-up
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # noqa: BLE001 - any failure means the directory lacks a usable tokenizer
         raise ValueError(f"model: cannot load a tokenizer from {path}: {e}") from e
+
+
+def _load_gguf_tokenizer(path: Path):
+    from .gguf_tokenizer import load_gguf_tokenizer
+
+    tokenizer = load_gguf_tokenizer(path)
+    if tokenizer is not None:
+        return tokenizer
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ImportError as e:  # transformers' GGUF reader imports torch
+        raise ValueError(f"model: the tokenizer of {path.name} is not byte-level BPE, and "
+                         f"transformers, which builds it, needs {e.name or e} for GGUF files; "
+                         f"install it (a CPU build is enough)") from e
 
 
 def check_token_ids(prompt, vocab_size: int, name: str) -> list[int]:
