@@ -38,30 +38,17 @@ def read_tokenizer_fields(path: Path) -> dict:
             if key.startswith("tokenizer.")}
 
 
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (what byte-level vocabularies are spelled in)."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    table, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[byte] = chr(byte)
-        else:
-            table[byte] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def byte_level_bpe(fields: dict):
     """A `tokenizers.Tokenizer` for a byte-level BPE vocabulary, or None for any other kind
     (or a pre-tokenizer this module does not know)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     pre = fields.get("tokenizer.ggml.pre")
     if (fields.get("tokenizer.ggml.model") != "gpt2" or pre not in SPLITS
             or "tokenizer.ggml.merges" not in fields):
         return None
-    spelling = _byte_alphabet()
+    spelling = bytes_to_unicode()  # byte -> the printable character vocabularies spell it with
     alphabet = set(spelling.values())
     tokens = fields["tokenizer.ggml.tokens"]
     # A token outside the byte alphabet (a mislabelled added token) is respelled byte by byte.
