@@ -74,7 +74,8 @@ def byte_level_bpe(fields: dict):
                                   for t, kind in zip(tokens, types)
                                   if kind == _CONTROL and set(t) <= alphabet])
     tokenizer.add_tokens([AddedToken(t, normalized=False, special=False)
-                          for t, kind in zip(tokens, types) if kind == _USER_DEFINED and t in vocab])
+                          for t, kind in zip(tokens, types)
+                          if kind == _USER_DEFINED and t in vocab])
     return tokenizer
 
 

@@ -26,7 +26,8 @@ def assert_same_tokenizer(ours, ref):
         ids = ours(text)["input_ids"]
         assert ids == ref(text)["input_ids"], text
         assert ours.decode(ids) == ref.decode(ids)
-        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+        assert (ours.decode(ids, skip_special_tokens=True)
+                == ref.decode(ids, skip_special_tokens=True))
     for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
         assert getattr(ours, name) == getattr(ref, name), name
     assert len(ours) == len(ref)
@@ -112,7 +113,8 @@ def test_the_default_model_generates_without_torch():
     """The README's serving set-up installs no torch; torch is blocked here the same way."""
     code = ("import sys, runpy; sys.modules['torch'] = None; "
             "sys.argv = ['generate', '--prompt', 'What is the capital of France?', '--chat', "
-            "'--max-tokens', '8', '--json']; runpy.run_module('atom_jax.generate', run_name='__main__')")
+            "'--max-tokens', '8', '--json']; "
+            "runpy.run_module('atom_jax.generate', run_name='__main__')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert '"token_ids"' in out.stdout and "Paris" in out.stdout
