@@ -77,11 +77,12 @@ class EngineCore:
 
         self.startup_times: dict[str, float] = {}  # seconds per start-up phase, for logs and benchmarks
         t0 = time.perf_counter()
-        model_config, params, kind, path = load_model(config.model, dtype, config.load_format)
+        model_config, params, kind, path, gguf_fields = load_model(config.model, dtype,
+                                                                   config.load_format)
         jax.block_until_ready(params)
         self.startup_times["load_s"] = time.perf_counter() - t0
         self.model_config = model_config
-        self.tokenizer = load_tokenizer(kind, path)
+        self.tokenizer = load_tokenizer(kind, path, gguf_fields)
         eos = set(model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

@@ -29,13 +29,18 @@ SPLITS = {
 _CONTROL, _USER_DEFINED = 3, 4  # GGUF token types
 
 
-def read_tokenizer_fields(path: Path) -> dict:
-    """The file's `tokenizer.*` metadata, as Python values."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
+def tokenizer_fields(reader) -> dict:
+    """The `tokenizer.*` metadata of an open `gguf.GGUFReader`, as Python values."""
     return {key: field.contents() for key, field in reader.fields.items()
             if key.startswith("tokenizer.")}
+
+
+def read_tokenizer_fields(path: Path) -> dict:
+    """The file's `tokenizer.*` metadata. Parsing a GGUF file takes seconds for a large
+    vocabulary, so the weight loader hands over the fields of the reader it opened instead."""
+    from gguf import GGUFReader
+
+    return tokenizer_fields(GGUFReader(str(path)))
 
 
 def byte_level_bpe(fields: dict):
@@ -79,10 +84,10 @@ def byte_level_bpe(fields: dict):
     return tokenizer
 
 
-def load_gguf_tokenizer(path: Path):
+def load_gguf_tokenizer(path: Path, fields: dict | None = None):
     """A transformers tokenizer for the file's byte-level BPE vocabulary, or None when the file
-    holds another kind."""
-    fields = read_tokenizer_fields(path)
+    holds another kind. fields: its `tokenizer.*` metadata, where already read."""
+    fields = read_tokenizer_fields(path) if fields is None else fields
     backend = byte_level_bpe(fields)
     if backend is None:
         return None

@@ -1,7 +1,8 @@
 """Checkpoint loading: a Hugging Face directory, a GGUF file, or dummy weights.
 
 Each loader returns (ModelConfig, params) with params in the tree that models/ defines,
-already in the compute dtype. Tensors are mapped one at a time, under a progress bar.
+already in the compute dtype (the GGUF loader also returns the file's tokenizer metadata, so
+the file is parsed once). Tensors are mapped one at a time, under a progress bar.
 """
 from __future__ import annotations
 
@@ -153,7 +154,7 @@ def gguf_metadata(reader) -> dict:
     for key, field in reader.fields.items():
         if key.startswith("tokenizer.ggml.") and key.rsplit(".", 1)[-1] in (
                 "tokens", "scores", "token_type", "merges"):
-            continue  # large arrays the tokenizer reads itself
+            continue  # large arrays only the tokenizer needs
         try:
             meta[key] = field.contents()
         except Exception:  # noqa: BLE001 - unreadable optional metadata is skipped
@@ -196,8 +197,11 @@ def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def load_gguf(file: Path, dtype) -> tuple[ModelConfig, dict]:
+def load_gguf(file: Path, dtype) -> tuple[ModelConfig, dict, dict]:
+    """-> (ModelConfig, params, the file's tokenizer.* metadata), from one parse of the file."""
     from gguf import GGUFReader, dequantize
+
+    from atom_jax.gguf_tokenizer import tokenizer_fields
 
     try:
         reader = GGUFReader(str(file))
@@ -222,7 +226,7 @@ def load_gguf(file: Path, dtype) -> tuple[ModelConfig, dict]:
             elif ".attn_k." in gname:
                 w = _unpermute_rope(w, cfg.num_kv_heads)
         _assign(params, flat_shapes, path, w, transpose, dtype, gname)
-    return cfg, params
+    return cfg, params, tokenizer_fields(reader)
 
 
 # ---------------------------------------------------------------- dummy weights
@@ -247,10 +251,11 @@ def load_dummy(config_path: Path, dtype, seed: int = 0) -> tuple[ModelConfig, di
 
 
 def load_model(model: str | None, dtype, load_format: str = "auto"):
-    """-> (ModelConfig, params in the model's inference layout, kind, path).
-    load_format: auto | dummy."""
-    cfg, params, kind, path = _load_checkpoint_layout(model, dtype, load_format)
-    return cfg, get_model_module(cfg).fuse_projections(params, cfg), kind, path
+    """-> (ModelConfig, params in the model's inference layout, kind, path, gguf_fields):
+    kind, path and gguf_fields (a GGUF file's tokenizer metadata, else None) are what
+    load_tokenizer takes. load_format: auto | dummy."""
+    cfg, params, kind, path, gguf_fields = _load_checkpoint_layout(model, dtype, load_format)
+    return cfg, get_model_module(cfg).fuse_projections(params, cfg), kind, path, gguf_fields
 
 
 def _load_checkpoint_layout(model: str | None, dtype, load_format: str):
@@ -263,9 +268,12 @@ def _load_checkpoint_layout(model: str | None, dtype, load_format: str):
         if not path.is_file():
             raise ValueError(f"model: {str(path)!r} does not exist")
         cfg, params = load_dummy(path, dtype)
-        return cfg, params, "dummy", path.parent
+        return cfg, params, "dummy", path.parent, None
     if load_format != "auto":
         raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     kind, path = resolve_model(model)
-    cfg, params = load_gguf(path, dtype) if kind == "gguf" else load_hf(path, dtype)
-    return cfg, params, kind, path
+    if kind == "gguf":
+        cfg, params, gguf_fields = load_gguf(path, dtype)
+        return cfg, params, kind, path, gguf_fields
+    cfg, params = load_hf(path, dtype)
+    return cfg, params, kind, path, None

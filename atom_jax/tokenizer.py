@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def load_tokenizer(kind: str, path: Path):
+def load_tokenizer(kind: str, path: Path, gguf_fields: dict | None = None):
     """kind: gguf | hf | dummy. Dummy weights may come without tokenizer files: then None,
     and the engine takes token ids only (text outputs stay empty)."""
     if kind == "dummy":
@@ -12,7 +12,7 @@ def load_tokenizer(kind: str, path: Path):
                                                        "tokenizer_config.json"))
         return load_tokenizer("hf", path) if has_files else None
     if kind == "gguf":
-        return _load_gguf_tokenizer(path)
+        return _load_gguf_tokenizer(path, gguf_fields)
     from transformers import AutoTokenizer  # here: importing it costs seconds of start-up
     try:
         return AutoTokenizer.from_pretrained(str(path))
@@ -20,10 +20,10 @@ def load_tokenizer(kind: str, path: Path):
         raise ValueError(f"model: cannot load a tokenizer from {path}: {e}") from e
 
 
-def _load_gguf_tokenizer(path: Path):
+def _load_gguf_tokenizer(path: Path, fields: dict | None):
     from .gguf_tokenizer import load_gguf_tokenizer
 
-    tokenizer = load_gguf_tokenizer(path)
+    tokenizer = load_gguf_tokenizer(path, fields)
     if tokenizer is not None:
         return tokenizer
     from transformers import AutoTokenizer

@@ -118,3 +118,20 @@ def test_the_default_model_generates_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert '"token_ids"' in out.stdout and "Paris" in out.stdout
+
+
+def test_the_weight_loader_hands_the_tokenizer_its_metadata(monkeypatch):
+    """The engine parses a GGUF file once: the tokenizer is built from the fields the weight
+    loader read, not from a second parse."""
+    import jax.numpy as jnp
+
+    from atom_jax import gguf_tokenizer
+    from atom_jax.loader import load_model
+
+    _, _, kind, path, fields = load_model(None, jnp.float32)
+
+    def parse_again(path):
+        raise AssertionError("the GGUF file was parsed a second time")
+    monkeypatch.setattr(gguf_tokenizer, "read_tokenizer_fields", parse_again)
+    ours = load_tokenizer(kind, path, fields)
+    assert_same_tokenizer(ours, reference(path))

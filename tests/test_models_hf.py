@@ -78,7 +78,7 @@ def test_dummy_weights_follow_the_config(tmp_path):
     expected = get_model_module(cfg).param_shapes(cfg)
     assert jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)) == \
         jax.tree.leaves(expected, is_leaf=lambda x: isinstance(x, tuple))
-    _, fused, kind, _ = load_model(str(tmp_path / "config.json"), jnp.float32, "dummy")
+    _, fused, kind, _, _ = load_model(str(tmp_path / "config.json"), jnp.float32, "dummy")
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     assert kind == "dummy" and fused["layers"][0]["wqkv"].shape == (cfg.hidden_size, qkv)
     assert fused["layers"][0]["w_gate_up"].shape == (cfg.hidden_size, 2 * cfg.intermediate_size)

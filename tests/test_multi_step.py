@@ -183,7 +183,7 @@ def test_start_up_keeps_multi_step_only_where_the_host_is_the_bottleneck(
         "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 32,
         "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
         "num_key_value_heads": 1, "max_position_embeddings": 128}))
-    cfg, params, _, _ = load_model(str(tmp_path), jnp.float32, "dummy")
+    cfg, params, _, _, _ = load_model(str(tmp_path), jnp.float32, "dummy")
     runner = ModelRunner(get_model_module(cfg), cfg, params, dtype=jnp.float32, num_blocks=16,
                          block_size=4, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=8,
                          num_scheduler_steps=K, multi_step_max_seqs=8, multi_step_auto=True)
