@@ -52,6 +52,12 @@ def test_multi_step_programs_are_compiled_without_rematerialization(tmp_path):
               max_model_len=512, num_scheduler_steps=4)  # K/V cache: 90% of free memory
     runner = llm.engine.runner
     args = runner.multi_step_args(runner.multi_step_buckets[0], "sample")
+    stats = jax.devices()[0].memory_stats() or {}
+    memory = (f"K/V cache {runner.num_blocks} blocks; allocator limit "
+              f"{stats.get('bytes_limit', 0) / 2**30:.1f} GiB, in use "
+              f"{stats.get('bytes_in_use', 0) / 2**30:.1f} GiB")
     default = jax.jit(mr._decode_steps, **mr.DECODE_STEPS_JIT_ARGS)  # the same jit, pass on
-    assert ".remat" in default.lower(*args).compile().as_text()
-    assert ".remat" not in mr._decode_steps_jit.lower(*args).compile().as_text()
+    assert ".remat" in default.lower(*args).compile().as_text(), (
+        f"the premise does not hold: XLA's pass recomputed nothing ({memory})")
+    assert ".remat" not in mr._decode_steps_jit.lower(*args).compile().as_text(), (
+        f"the engine's multi-step program was rematerialized ({memory})")
