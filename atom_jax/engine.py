@@ -50,6 +50,20 @@ def claim_gpu_memory(fraction: float | None) -> None:
     os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(wanted)
 
 
+def allocatable_bytes(stats: dict) -> int | None:
+    """The largest block JAX's GPU allocator can still hand out, from Device.memory_stats().
+    With preallocation (the default) that is the largest free block of the one region it took;
+    when it grows on demand (XLA_PYTHON_CLIENT_PREALLOCATE=false) it is what it has not yet
+    taken from the device, since its regions' leftovers cannot merge with a new region.
+    None where the allocator reports no limit."""
+    limit = stats.get("bytes_limit")
+    if not limit:
+        return None
+    in_use = stats.get("bytes_in_use", 0)
+    not_taken = limit - stats.get("pool_bytes", limit)
+    return max(not_taken, stats.get("largest_free_block_bytes", limit - in_use))
+
+
 class _Request:
     def __init__(self, request_id, prompt, prompt_token_ids, params, seqs, outputs):
         self.request_id, self.prompt = request_id, prompt
@@ -147,8 +161,11 @@ class EngineCore:
         if self.config.kv_cache_memory_gb is not None:
             budget = self.config.kv_cache_memory_gb * 2**30
         elif on_gpu:
-            stats = jax.devices()[0].memory_stats() or {}
-            free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+            free = allocatable_bytes(jax.devices()[0].memory_stats() or {})
+            if free is None:
+                raise ValueError("cannot size the K/V cache: the GPU allocator reports no memory "
+                                 "limit (XLA_PYTHON_CLIENT_ALLOCATOR=platform?); pass "
+                                 "kv_cache_memory_gb")
             budget = 0.9 * free
         else:
             budget = 2**30

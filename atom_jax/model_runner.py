@@ -30,6 +30,18 @@ _BANNED_SLOTS = 16  # per-row token ids masked while a request is below min_toke
 HOST_BOUND_FRACTION = 0.8
 
 
+def allocate_kv_cache(num_layers: int, shape: tuple, dtype) -> list:
+    """Zeroed (K, V) arrays of every layer. On a GPU the whole cache is first taken as one
+    array and given back, so that its arrays come from one free block: an allocator growing
+    on demand (XLA_PYTHON_CLIENT_PREALLOCATE=false) would otherwise take a region per array,
+    each rounded up to a power of two, and run out with the leftovers unusable."""
+    if jax.default_backend() != "cpu":
+        whole = jnp.zeros((2 * num_layers, *shape), dtype)
+        whole.block_until_ready()
+        whole.delete()
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)]
+
+
 class CompileWhileServingError(RuntimeError):
     pass
 
@@ -207,8 +219,7 @@ class ModelRunner:
         self.multi_step_auto = multi_step_auto
         self.multi_step_timing = None  # what the automatic choice measured
         shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
-        self.kv_cache = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-                         for _ in range(model_config.num_layers)]
+        self.kv_cache = allocate_kv_cache(model_config.num_layers, shape, dtype)
         # The last launched step's sampled tokens (padded to max_num_seqs rows) and the row
         # of each sequence in it, so the next step can start before they reach the host.
         self.last_tokens = jnp.zeros(max_num_seqs, jnp.int32)

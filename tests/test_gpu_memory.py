@@ -57,3 +57,35 @@ def test_cli_flag_reaches_the_config():
     add_engine_args(parser)
     config = engine_config_from_args(parser.parse_args(["--gpu-memory-utilization", "0.85"]))
     assert config.gpu_memory_utilization == 0.85
+
+
+GiB = 2**30
+
+
+def test_preallocated_allocator_offers_its_largest_free_block():
+    # one region of the whole limit, taken at start; fragmentation leaves 60 of 80 GiB free
+    stats = dict(bytes_limit=100 * GiB, bytes_in_use=20 * GiB, pool_bytes=100 * GiB,
+                 largest_free_block_bytes=60 * GiB)
+    assert engine_module.allocatable_bytes(stats) == 60 * GiB
+
+
+def test_allocator_growing_on_demand_offers_what_it_has_not_taken():
+    # XLA_PYTHON_CLIENT_PREALLOCATE=false: 20 GiB in use inside 32 GiB of regions
+    stats = dict(bytes_limit=100 * GiB, bytes_in_use=20 * GiB, pool_bytes=32 * GiB,
+                 largest_free_block_bytes=12 * GiB)
+    assert engine_module.allocatable_bytes(stats) == 68 * GiB
+
+
+def test_allocator_without_free_block_figures_falls_back_to_limit_less_use():
+    assert engine_module.allocatable_bytes(dict(bytes_limit=100 * GiB, bytes_in_use=30 * GiB)) \
+        == 70 * GiB
+
+
+def test_kv_cache_cannot_be_sized_without_an_allocator_limit():
+    from types import SimpleNamespace
+    fake = SimpleNamespace(  # the parts of an EngineCore the sizing reads
+        model_config=SimpleNamespace(num_layers=2, num_kv_heads=2, head_dim=64),
+        config=EngineConfig(), dtype="bfloat16")
+    # the CPU device reports no memory figures, as the platform allocator does not
+    with pytest.raises(ValueError, match="kv_cache_memory_gb"):
+        engine_module.EngineCore._blocks_for_memory(fake, on_gpu=True)
