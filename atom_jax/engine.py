@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from atom_jax.block_manager import BlockManager
 from atom_jax.config import EngineConfig
 from atom_jax.loader import load_model
-from atom_jax.model_runner import ModelRunner
+from atom_jax.model_runner import ModelRunner, grows_on_demand
 from atom_jax.output_processor import SequenceOutput
 from atom_jax.outputs import CompletionOutput, RequestOutput, StepDelta
 from atom_jax.sampling_params import SamplingParams
@@ -51,17 +51,18 @@ def claim_gpu_memory(fraction: float | None) -> None:
 
 
 def allocatable_bytes(stats: dict) -> int | None:
-    """The largest block JAX's GPU allocator can still hand out, from Device.memory_stats().
-    With preallocation (the default) that is the largest free block of the one region it took;
-    when it grows on demand (XLA_PYTHON_CLIENT_PREALLOCATE=false) it is what it has not yet
-    taken from the device, since its regions' leftovers cannot merge with a new region.
-    None where the allocator reports no limit."""
+    """What JAX's GPU allocator can still hand out, from Device.memory_stats(); None where it
+    reports no limit. Preallocated (the default), its one region less what is in use. Growing
+    on demand (XLA_PYTHON_CLIENT_PREALLOCATE=false), what it has not yet taken from the device,
+    or its largest free block if larger: leftovers of its regions cannot merge with a new one,
+    so the cache must fit in one block (see allocate_kv_cache)."""
     limit = stats.get("bytes_limit")
     if not limit:
         return None
     in_use = stats.get("bytes_in_use", 0)
-    not_taken = limit - stats.get("pool_bytes", limit)
-    return max(not_taken, stats.get("largest_free_block_bytes", limit - in_use))
+    if not grows_on_demand(stats):
+        return limit - in_use
+    return max(limit - stats["pool_bytes"], stats.get("largest_free_block_bytes", 0))
 
 
 class _Request:

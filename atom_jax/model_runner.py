@@ -30,12 +30,18 @@ _BANNED_SLOTS = 16  # per-row token ids masked while a request is below min_toke
 HOST_BOUND_FRACTION = 0.8
 
 
+def grows_on_demand(stats: dict) -> bool:
+    """Whether JAX's GPU allocator takes memory from the device as needed
+    (XLA_PYTHON_CLIENT_PREALLOCATE=false) rather than all of it at start, from memory_stats()."""
+    return "pool_bytes" in stats and stats["pool_bytes"] < stats.get("bytes_limit", 0)
+
+
 def allocate_kv_cache(num_layers: int, shape: tuple, dtype) -> list:
-    """Zeroed (K, V) arrays of every layer. On a GPU the whole cache is first taken as one
-    array and given back, so that its arrays come from one free block: an allocator growing
-    on demand (XLA_PYTHON_CLIENT_PREALLOCATE=false) would otherwise take a region per array,
-    each rounded up to a power of two, and run out with the leftovers unusable."""
-    if jax.default_backend() != "cpu":
+    """Zeroed (K, V) arrays of every layer. An allocator growing on demand would take a region
+    per array, each rounded up to a power of two, and run out with the leftovers unusable; so
+    there the whole cache is first taken as one array and given back, and its arrays then come
+    from that one free block."""
+    if grows_on_demand(jax.devices()[0].memory_stats() or {}):
         whole = jnp.zeros((2 * num_layers, *shape), dtype)
         whole.block_until_ready()
         whole.delete()

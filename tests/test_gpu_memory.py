@@ -5,6 +5,7 @@ import pytest
 
 from atom_jax import EngineConfig
 from atom_jax import engine as engine_module
+from atom_jax import model_runner
 from atom_jax.cli_args import add_engine_args, engine_config_from_args
 
 ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
@@ -62,23 +63,29 @@ def test_cli_flag_reaches_the_config():
 GiB = 2**30
 
 
-def test_preallocated_allocator_offers_its_largest_free_block():
-    # one region of the whole limit, taken at start; fragmentation leaves 60 of 80 GiB free
+def test_preallocated_allocator_offers_what_is_not_in_use():
+    # one region of the whole limit, taken at start; each layer's arrays may fill a hole
     stats = dict(bytes_limit=100 * GiB, bytes_in_use=20 * GiB, pool_bytes=100 * GiB,
                  largest_free_block_bytes=60 * GiB)
-    assert engine_module.allocatable_bytes(stats) == 60 * GiB
+    assert not model_runner.grows_on_demand(stats)
+    assert engine_module.allocatable_bytes(stats) == 80 * GiB
 
 
 def test_allocator_growing_on_demand_offers_what_it_has_not_taken():
     # XLA_PYTHON_CLIENT_PREALLOCATE=false: 20 GiB in use inside 32 GiB of regions
     stats = dict(bytes_limit=100 * GiB, bytes_in_use=20 * GiB, pool_bytes=32 * GiB,
                  largest_free_block_bytes=12 * GiB)
+    assert model_runner.grows_on_demand(stats)
     assert engine_module.allocatable_bytes(stats) == 68 * GiB
+    # regions up to the limit: the largest leftover is all it has
+    stats.update(pool_bytes=96 * GiB)
+    assert engine_module.allocatable_bytes(stats) == 12 * GiB
 
 
-def test_allocator_without_free_block_figures_falls_back_to_limit_less_use():
-    assert engine_module.allocatable_bytes(dict(bytes_limit=100 * GiB, bytes_in_use=30 * GiB)) \
-        == 70 * GiB
+def test_allocator_without_region_figures_counts_as_preallocated():
+    stats = dict(bytes_limit=100 * GiB, bytes_in_use=30 * GiB)
+    assert not model_runner.grows_on_demand(stats)
+    assert engine_module.allocatable_bytes(stats) == 70 * GiB
 
 
 def test_kv_cache_cannot_be_sized_without_an_allocator_limit():
