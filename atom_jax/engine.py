@@ -59,9 +59,8 @@ def allocatable_bytes(stats: dict) -> int | None:
     limit = stats.get("bytes_limit")
     if not limit:
         return None
-    in_use = stats.get("bytes_in_use", 0)
     if not grows_on_demand(stats):
-        return limit - in_use
+        return limit - stats.get("bytes_in_use", 0)
     return max(limit - stats["pool_bytes"], stats.get("largest_free_block_bytes", 0))
 
 
