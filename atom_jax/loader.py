@@ -172,7 +172,7 @@ def gguf_config(meta: dict, tensor_names: set[str]) -> ModelConfig:
     hidden = g("embedding_length")
     hf = {
         "architectures": [_GGUF_ARCHITECTURES[arch]],
-        "vocab_size": g("vocab_size") or len(meta.get("tokenizer.ggml.tokens", [])) or None,
+        "vocab_size": g("vocab_size"),  # else load_gguf takes it from the embedding's shape
         "hidden_size": hidden,
         "intermediate_size": g("feed_forward_length"),
         "num_hidden_layers": g("block_count"),
