@@ -5,6 +5,9 @@ iterations [b * per, (b + 1) * per). A unit whose iterations fall to two or more
 "split": each block stores its part to a workspace of partials, which the caller sums
 (`fixup`). Full units are stored straight to the output.
 
+tiled: w is given as [N / cols, K, cols], each column unit contiguous in memory, so that a
+tile is one contiguous run of bytes instead of tile_k runs of 2 * cols bytes.
+
 mode: "full" (as above), "acc" (wgmma on every tile, nothing stored: timing only),
 "stream" (the tiles arrive and nothing reads them: timing only)."""
 import jax
@@ -19,12 +22,18 @@ def layout(k_dim, n, *, blocks, tile_k, cols):
     return ksteps, total, -(-total // blocks)
 
 
-def flat_gemm(a, w, *, blocks=132, tile_k=256, cols=64, steps=4, mode="full", interpret=False):
+def tile_weights(w, cols=64):
+    k_dim, n = w.shape
+    return w.reshape(k_dim, n // cols, cols).transpose(1, 0, 2)
+
+
+def flat_gemm(a, w, *, blocks=132, tile_k=256, cols=64, steps=4, mode="full", tiled=False,
+              interpret=False):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     rows, k_dim = a.shape
-    n = w.shape[1]
+    n = w.shape[0] * w.shape[2] if tiled else w.shape[1]
     ksteps, total, per = layout(k_dim, n, blocks=blocks, tile_k=tile_k, cols=cols)
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
@@ -36,8 +45,13 @@ def flat_gemm(a, w, *, blocks=132, tile_k=256, cols=64, steps=4, mode="full", in
         def flat(i):
             return jnp.minimum(start + i, total - 1)
 
-        w_spec = plgpu.BlockSpec((tile_k, cols), lambda i: (flat(i) % ksteps, flat(i) // ksteps),
-                                 transforms=transforms)
+        if tiled:
+            w_spec = plgpu.BlockSpec((pl.squeezed, tile_k, cols),
+                                     lambda i: (flat(i) // ksteps, flat(i) % ksteps, 0),
+                                     transforms=transforms)
+        else:
+            w_spec = plgpu.BlockSpec((tile_k, cols), lambda i: (flat(i) % ksteps, flat(i) // ksteps),
+                                     transforms=transforms)
         a_spec = plgpu.BlockSpec((rows, tile_k), lambda i: (0, flat(i) % ksteps),
                                  transforms=transforms)
 

@@ -9,19 +9,19 @@ import json, os, sys, tempfile, time
 import numpy as np
 import jax, jax.numpy as jnp
 sys.path[:0] = [os.path.dirname(__file__), os.path.join(os.path.dirname(__file__), "..", "..")]
-from flat_gemm import flat_gemm, fixup
+from flat_gemm import flat_gemm, fixup, tile_weights
 from bench_common import gpu_kernel_events
 
 SHAPES = {"gate_up": (4096, 28672), "down": (14336, 4096), "qkv": (4096, 6144),
           "o": (4096, 4096), "lm_head": (4096, 128256)}
 FLAT = [
-    dict(mode="full", tile_k=256, steps=4),
-    dict(mode="full", tile_k=128, steps=8),
-    dict(mode="full", tile_k=512, steps=3),
-    dict(mode="acc", tile_k=256, steps=4),
     dict(mode="stream", tile_k=256, steps=4),
-    dict(mode="stream", tile_k=256, steps=6),
-    dict(mode="full", tile_k=256, steps=4, blocks=128),
+    dict(mode="stream", tile_k=256, steps=4, tiled=True),
+    dict(mode="stream", tile_k=512, steps=3, tiled=True),
+    dict(mode="stream", tile_k=128, steps=6, cols=128),
+    dict(mode="full", tile_k=256, steps=4, tiled=True),
+    dict(mode="full", tile_k=512, steps=3, tiled=True),
+    dict(mode="full", tile_k=256, steps=3, tiled=True, cols=128),
 ]
 
 
@@ -60,7 +60,7 @@ def main():
         a4 = a8[:4]
         ref = np.asarray(jax.jit(lambda a, w: jnp.dot(a.astype(jnp.float32), w.astype(jnp.float32),
                                                       precision="highest"))(a8, ws[0]))
-        variants = [("xla4", None), ("xla8", None), ("colsum", None)] + [("flat", c) for c in FLAT]
+        variants = [("xla4", None)] + [("flat", c) for c in FLAT]
         for name, cfg in variants:
             row = dict(shape=shape, name=name, cfg=cfg, mb=nbytes / 1e6, copies=copies)
             try:
@@ -72,10 +72,12 @@ def main():
                     fn = jax.jit(lambda a, ws: [jnp.sum(w, 0, dtype=jnp.float32) for w in ws]); args = (a8, ws)
                 else:
                     c = dict(cfg); blocks = c.pop("blocks", 132)
-                    fn = jax.jit(lambda a, ws: [flat_gemm(a, w, blocks=blocks, **c) for w in ws]); args = (a8, ws)
+                    cols = c.get("cols", 64)
+                    wts = [tile_weights(w, cols) for w in ws] if c.get("tiled") else ws
+                    fn = jax.jit(lambda a, ws: [flat_gemm(a, w, blocks=blocks, **c) for w in ws]); args = (a8, wts)
                     if c["mode"] == "full":
-                        o, p = fn(a8, ws[:1])[0]
-                        got, nsplit = fixup(o, p, k_dim, n, blocks=blocks, tile_k=c["tile_k"], cols=64)
+                        o, p = fn(a8, wts[:1])[0]
+                        got, nsplit = fixup(o, p, k_dim, n, blocks=blocks, tile_k=c["tile_k"], cols=cols)
                         row["rel_err"] = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
                         row["split_units"] = nsplit
                 t = time.perf_counter(); jax.block_until_ready(fn(*args)); row["first_call_s"] = time.perf_counter() - t
@@ -85,6 +87,7 @@ def main():
             except Exception as e:  # keep the other variants going
                 row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
             results.append(row)
+            args = fn = None
             print(json.dumps(row), flush=True)
         del ws
     json.dump(dict(device=str(jax.devices()[0]), jax=jax.__version__, results=results),
