@@ -37,29 +37,28 @@ copy_gbs = copy_bandwidth_gbs()
 
 def run(name):
     if name == "xla":
-        fn = jax.jit(lambda x: chain_xla(x, *std))
-        small = jax.jit(lambda x: chain_xla(x, *[ws[:2] for ws in std]))
+        fn = jax.jit(lambda x, ws: chain_xla(x, *ws))
+        args, args2 = std, [ws[:2] for ws in std]
         cfg = {}
     else:
         mode, tk, slots = name.split(":")
         cfg = dict(mode=mode, tk=int(tk), slots=int(slots))
-        fn = jax.jit(lambda x: chain_kernel(x, *tiled, **cfg)[0])
-        two = [t[:2] for t in tiled]
-        small = jax.jit(lambda x: chain_kernel(x, *two, **cfg)[0])
+        fn = jax.jit(lambda x, ws: chain_kernel(x, *ws, **cfg)[0])
+        args, args2 = tiled, [t[:2] for t in tiled]
     t = time.perf_counter()
-    out = np.asarray(jax.block_until_ready(fn(x0)), np.float32)
+    out = np.asarray(jax.block_until_ready(fn(x0, args)), np.float32)
     compile_s = time.perf_counter() - t
-    out_small = np.asarray(jax.block_until_ready(small(x0)), np.float32)
-    again = np.asarray(jax.block_until_ready(fn(x0)), np.float32)
+    out_small = np.asarray(jax.block_until_ready(fn(x0, args2)), np.float32)
+    again = np.asarray(jax.block_until_ready(fn(x0, args)), np.float32)
     walls = []
     for _ in range(20):
         t = time.perf_counter()
-        jax.block_until_ready(fn(x0))
+        jax.block_until_ready(fn(x0, args))
         walls.append(time.perf_counter() - t)
     d = tempfile.mkdtemp()
     with jax.profiler.trace(d):
         for _ in range(5):
-            jax.block_until_ready(fn(x0))
+            jax.block_until_ready(fn(x0, args))
             time.sleep(0.005)
     ev = sorted((s, s + du, nm) for nm, s, du in gpu_kernel_events(d))
     groups, cur = [], [ev[0]]
@@ -88,6 +87,9 @@ results = {}
 for name in variants:
     try:
         results[name] = run(name)
+        r = results[name]
+        print(f"{name}: span {r['span_us_per_layer']:.2f} us/layer, {r['tbs']:.2f} TB/s, "
+              f"compile {r['compile_s']:.1f} s, same {r['repeat_identical']}", flush=True)
     except Exception as e:  # keep the other variants
         results[name] = dict(name=name, error=f"{type(e).__name__}: {e}"[:2000])
         print(name, "FAILED", results[name]["error"][:800], flush=True)
