@@ -22,6 +22,10 @@ Three warpgroups per block:
        nothing), so the next phase's first S tiles arrive while the barrier is pending;
   wg 2 streams activation tiles, waiting for the phase's barrier first.
 
+pf: the weight warpgroup also asks for the tile pf tiles ahead (into the next phase where
+this one ends) to be brought into L2, so that the stream runs on past the S slots while a
+barrier is pending.
+
 mode: "full"; "stream" (weights only, no compute: the ceiling); "nobar" (barrier waits
 skipped: wrong values, timing only).
 
@@ -47,7 +51,7 @@ def phases(tk):
     return [(D, NQKV), (D, D), (D, 2 * F), (F, D)]
 
 
-def chain_kernel(x0, wqkv, wo, wgu, wd, *, blocks=132, tk=256, slots=5, mode="full"):
+def chain_kernel(x0, wqkv, wo, wgu, wd, *, blocks=132, tk=256, slots=5, mode="full", pf=0):
     """x0 [8, D] bf16; weights tiled ([L, N / 64, K, 64]). Returns x after L layers, and the
     per-layer buffers (qkv, gu, h)."""
     from jax.experimental import pallas as pl
@@ -92,6 +96,11 @@ def chain_kernel(x0, wqkv, wo, wgu, wd, *, blocks=132, tk=256, slots=5, mode="fu
                 def _():
                     plgpu.semaphore_wait(sems.at[idx], count, memory_scope="gpu")
 
+        def w_tile(p, l, i):
+            f = start[p] + i
+            unit, k = lax.div(f, ks[p]), lax.rem(f, ks[p])
+            return w_src[p].at[l, unit, pl.ds(k * tk, tk), :]
+
         def inner(w_smem, a_smem, out_smem, z_smem, g_smem, u_smem, h_smem,
                   w_full, a_full, w_free, a_free, xbar, gbar, ubar):
 
@@ -111,11 +120,20 @@ def chain_kernel(x0, wqkv, wo, wgu, wd, *, blocks=132, tk=256, slots=5, mode="fu
                             def _():
                                 plgpu.barrier_wait(w_free.at[slot])
 
-                            f = start[p] + i
-                            unit, k = lax.div(f, ks[p]), lax.rem(f, ks[p])
-                            plgpu.copy_gmem_to_smem(
-                                w_src[p].at[l, unit, pl.ds(k * tk, tk), :], w_smem.at[slot],
-                                w_full.at[slot])
+                            plgpu.copy_gmem_to_smem(w_tile(p, l, i), w_smem.at[slot],
+                                                    w_full.at[slot])
+                            if pf:
+                                i2 = i + pf
+
+                                @pl.when(i2 < n[p])
+                                def _():
+                                    plgpu.async_prefetch(w_tile(p, l, i2))
+
+                                q, lq, i3 = (p + 1) % 4, l + (p == 3), i2 - n[p]
+
+                                @pl.when((i3 >= 0) & (i3 < n[q]) & (lq < L))
+                                def _():
+                                    plgpu.async_prefetch(w_tile(q, lq, i3))
 
             if mode != "stream":
                 @pl.when(wg == 2)
