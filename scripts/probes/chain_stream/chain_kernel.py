@@ -26,6 +26,9 @@ pf: the weight warpgroup also asks for the tile pf tiles ahead (into the next ph
 this one ends) to be brought into L2, so that the stream runs on past the S slots while a
 barrier is pending.
 
+silu=False: the down projection waits for the gate/up barrier only and h is never written
+(wrong values, timing only): what the silu step and its barrier cost.
+
 mode: "full"; "stream" (weights only, no compute: the ceiling); "nobar" (barrier waits
 skipped: wrong values, timing only).
 
@@ -51,7 +54,8 @@ def phases(tk):
     return [(D, NQKV), (D, D), (D, 2 * F), (F, D)]
 
 
-def chain_kernel(x0, wqkv, wo, wgu, wd, *, blocks=132, tk=256, slots=5, mode="full", pf=0):
+def chain_kernel(x0, wqkv, wo, wgu, wd, *, blocks=132, tk=256, slots=5, mode="full", pf=0,
+                 silu=True):
     """x0 [8, D] bf16; weights tiled ([L, N / 64, K, 64]). Returns x after L layers, and the
     per-layer buffers (qkv, gu, h)."""
     from jax.experimental import pallas as pl
@@ -274,7 +278,9 @@ def chain_kernel(x0, wqkv, wo, wgu, wd, *, blocks=132, tk=256, slots=5, mode="fu
                                 @pl.when(l < L - 1)  # nothing waits for the last one
                                 def _():
                                     arrive(cnt(l, p))
-                            if p == 2:
+                            if p == 2 and not silu:
+                                arrive(cnt(l, 4))
+                            elif p == 2:
                                 # h[l] = silu(gate) * up, SILU_W columns per block
                                 wait_all(cnt(l, 2), B)
 

@@ -5,7 +5,8 @@ bandwidth measured in the same process.
 
     python scripts/probes/chain_stream/probe.py [variant ...]
 
-Variants: xla, or <mode>:<tk>:<slots>[:<pf>] with mode full / stream / nobar. JSON under $OUT."""
+Variants: xla, or <mode>:<tk>:<slots>[:<option>=<int>...] with mode full / stream / nobar
+(options: pf, silu, blocks; see chain_kernel.py). JSON under $OUT."""
 import json, os, sys, tempfile, time
 import numpy as np
 import jax, jax.numpy as jnp
@@ -16,8 +17,8 @@ from chain_kernel import D, F, NQKV, R, chain_kernel, chain_xla, tile_weight
 from scripts.bench_common import copy_bandwidth_gbs, gpu_kernel_events
 
 L = 32
-variants = sys.argv[1:] or ["xla", "stream:256:5", "nobar:256:5", "full:256:5", "full:256:5:2",
-                           "full:256:5:4", "full:256:5:8", "full:128:11", "full:128:11:8"]
+variants = sys.argv[1:] or ["xla", "stream:256:5", "nobar:256:5", "full:256:5", "full:256:5:silu=0",
+                           "full:128:11", "full:256:5:blocks=128", "full:128:11:blocks=128"]
 out_dir = os.environ.get("OUT", "/tmp")
 key = jax.random.key(0)
 
@@ -45,8 +46,9 @@ def run(name):
         args, args2 = std, [ws[:2] for ws in std]
         cfg = {}
     else:
-        mode, tk, slots, *pf = name.split(":")
-        cfg = dict(mode=mode, tk=int(tk), slots=int(slots), pf=int(pf[0]) if pf else 0)
+        mode, tk, slots, *extra = name.split(":")
+        cfg = dict(mode=mode, tk=int(tk), slots=int(slots))
+        cfg.update({k: int(v) for k, v in (e.split("=") for e in extra)})
         fn = jax.jit(lambda x, ws: chain_kernel(x, *ws, **cfg)[0])
         args, args2 = tiled, [t[:2] for t in tiled]
     t = time.perf_counter()
