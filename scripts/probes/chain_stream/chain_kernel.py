@@ -214,15 +214,16 @@ def chain_kernel(x0, wqkv, wo, wgu, wd, kc=None, vc=None, *, blocks=132, tk=128,
                 for s in range(NS):
                     for i in range(3):
                         plgpu.barrier_wait(att_bars.at[3 + 3 * s + i])
-                ms = [c_smem[s, 1] for s in range(NS)]
+                ms = [c_smem.at[s, 1][...] for s in range(NS)]
                 top = ms[0]
                 for v in ms[1:]:
                     top = jnp.maximum(top, v)
                 num = den = None
                 for s in range(NS):
                     w = jnp.exp(ms[s] - top)
-                    num = w * c_smem[s, 0] if num is None else num + w * c_smem[s, 0]
-                    den = w * c_smem[s, 2] if den is None else den + w * c_smem[s, 2]
+                    o_s, l_s = c_smem.at[s, 0][...], c_smem.at[s, 2][...]
+                    num = w * o_s if num is None else num + w * o_s
+                    den = w * l_s if den is None else den + w * l_s
                 m_smem[...] = (num / den).astype(m_smem.dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(m_smem, a_g.at[l, 0, pl.ds(b * HD, HD)])
