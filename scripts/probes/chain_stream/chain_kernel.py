@@ -172,8 +172,9 @@ def chain_kernel(x0, wqkv, wo, wgu, wd, kc=None, vc=None, *, blocks=132, tk=128,
                 kb, vb, qb = att_bars.at[0], att_bars.at[1], att_bars.at[2]
                 plgpu.copy_gmem_to_smem(kc_g.at[l, g, pl.ds(s * TC, TC)], k_smem, kb)
                 plgpu.copy_gmem_to_smem(vc_g.at[l, g, pl.ds(s * TC, TC)], v_smem, vb)
-                # q rows: heads 4g .. 4g + 63 of row 0 (only the first 4 are used)
-                plgpu.copy_gmem_to_smem(qkv_g.at[l, 0, pl.ds(g * (QH // KVH), 64)], q_smem, qb)
+                # q rows: heads 8 (g // 2) .. + 63 of row 0 (the tile's rows start at a multiple
+                # of 8); the group's 4 heads are rows 4 (g % 2) .. + 3
+                plgpu.copy_gmem_to_smem(qkv_g.at[l, 0, pl.ds(lax.div(g, 2) * 8, 64)], q_smem, qb)
                 plgpu.barrier_wait(kb)
                 plgpu.barrier_wait(qb)
 
@@ -206,7 +207,8 @@ def chain_kernel(x0, wqkv, wo, wgu, wd, kc=None, vc=None, *, blocks=132, tk=128,
             def merge(l):
                 """Block b < QH: query head b, its NS splits merged into a[l][0, head]."""
                 k_smem, v_smem, q_smem, o_smem, c_smem, m_smem = att
-                g, j = lax.div(b, QH // KVH), lax.rem(b, QH // KVH)
+                g = lax.div(b, QH // KVH)
+                j = lax.rem(g, 2) * 4 + lax.rem(b, QH // KVH)   # its row in the item's output
                 for s in range(NS):
                     for i in range(3):
                         plgpu.copy_gmem_to_smem(part_g.at[l, s, g, i, j], c_smem.at[s, i],
