@@ -55,7 +55,7 @@ SHAPES = [(D, NQKV), (D, D), (D, 2 * F), (F, D)]  # (K, N) of the four GEMMs
 
 
 def chain_kernel(x0, wqkv, wo, wgu, wd, kc=None, vc=None, *, blocks=132, tk=128, slots=6,
-                 mode="full", silu=True):
+                 mode="full", silu=True, fine=False, alias=False):
     """x0 [8, D] bf16; weights tiled ([L, N / 64, K, 64]); kc, vc [L, KVH, T, HD] bf16 or None
     (no attention). Returns x after L layers."""
     from jax.experimental import pallas as pl
@@ -74,12 +74,28 @@ def chain_kernel(x0, wqkv, wo, wgu, wd, kc=None, vc=None, *, blocks=132, tk=128,
     # semaphores: 0 start; then per layer one per step in `kinds`; then DONE and GO for the
     # reset at the end
     Q_, ATT, CMB, O_, G_, H_, DN = range(7)
-    kinds = [Q_, ATT, CMB, O_, G_, H_, DN] if attn else [Q_, O_, G_, H_, DN]
-    n_bar = 1 + len(kinds) * L
+    # fine: instead of the two grid barriers after the attention items and the merge, each
+    # item counts in for its KV group (the merge of a head waits for its group's NS items),
+    # and each merge raises a flag for its head (an o tile waits for the flag of its head).
+    kinds = [Q_, O_, G_, H_, DN] if not attn or fine else [Q_, ATT, CMB, O_, G_, H_, DN]
+    n_fine = KVH + QH if attn and fine else 0
+    stride = len(kinds) + n_fine
+    n_bar = 1 + stride * L
     DONE, GO = n_bar, n_bar + 1
 
     def sem(l, what):
-        return 1 + len(kinds) * l + kinds.index(what)
+        return 1 + stride * l + kinds.index(what)
+
+    def grp(l, g):
+        return 1 + stride * l + len(kinds) + g
+
+    def head(l, h):
+        return 1 + stride * l + len(kinds) + KVH + h
+
+    def final_count(idx):  # what each counter holds once a call is done
+        rel = lax.rem(jnp.maximum(idx - 1, 0), stride)
+        return jnp.where((idx == 0) | (rel < len(kinds)), B,
+                         jnp.where(rel < len(kinds) + KVH, NS, 1))
 
     tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     zq, zg, za = QKV_ROWS - 64, 2 * F // Z_W, D // Z_W   # zeroing stores per layer
@@ -143,7 +159,8 @@ def chain_kernel(x0, wqkv, wo, wgu, wd, kc=None, vc=None, *, blocks=132, tk=128,
                         for p in range(4):
                             base = l * per_layer + off[p]
                             dep = [jnp.where(l == 0, 0, sem(l - 1, DN)),
-                                   sem(l, CMB if attn else Q_), sem(l, O_), sem(l, H_)][p]
+                                   sem(l, Q_ if fine or not attn else CMB), sem(l, O_),
+                                   sem(l, H_)][p]
                             wait_all(dep)
 
                             @pl.loop(0, n[p])
@@ -156,6 +173,9 @@ def chain_kernel(x0, wqkv, wo, wgu, wd, kc=None, vc=None, *, blocks=132, tk=128,
                                     plgpu.barrier_wait(a_free.at[slot])
 
                                 k = lax.rem(start[p] + i, ks[p])
+                                if p == 1 and attn and fine and mode == "full":
+                                    plgpu.semaphore_wait(sems.at[head(l, k)], 1, decrement=False,
+                                                         memory_scope="gpu")
                                 if p == 1 and not attn:
                                     src = qkv_g.at[l, :, k, :]   # one head of q
                                 else:
@@ -209,6 +229,9 @@ def chain_kernel(x0, wqkv, wo, wgu, wd, kc=None, vc=None, *, blocks=132, tk=128,
                 k_smem, v_smem, q_smem, o_smem, c_smem, m_smem = att
                 g = lax.div(b, QH // KVH)
                 j = lax.rem(g, 2) * 4 + lax.rem(b, QH // KVH)   # its row in the item's output
+                if fine and mode == "full":
+                    plgpu.semaphore_wait(sems.at[grp(l, g)], NS, decrement=False,
+                                         memory_scope="gpu")
                 for s in range(NS):
                     for i in range(3):
                         plgpu.copy_gmem_to_smem(part_g.at[l, s, g, i, j], c_smem.at[s, i],
@@ -230,6 +253,8 @@ def chain_kernel(x0, wqkv, wo, wgu, wd, kc=None, vc=None, *, blocks=132, tk=128,
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(m_smem, a_g.at[l, 0, pl.ds(b * HD, HD)])
                 plgpu.wait_smem_to_gmem(0)
+                if fine:
+                    arrive(head(l, b))
 
             @pl.when(wg == 0)
             def _consumer():
@@ -328,14 +353,20 @@ def chain_kernel(x0, wqkv, wo, wgu, wd, kc=None, vc=None, *, blocks=132, tk=128,
                                 def _():
                                     attention_item(l)
 
-                                arrive(sem(l, ATT))
-                                wait_all(sem(l, ATT))
+                                if fine:
+                                    @pl.when(b < KVH * NS)
+                                    def _():
+                                        arrive(grp(l, lax.div(b, NS)))
+                                else:
+                                    arrive(sem(l, ATT))
+                                    wait_all(sem(l, ATT))
 
                                 @pl.when(b < QH)
                                 def _():
                                     merge(l)
 
-                                arrive(sem(l, CMB))
+                                if not fine:
+                                    arrive(sem(l, CMB))
                             if p == 2 and not silu:
                                 arrive(sem(l, H_))
                             elif p == 2:
@@ -378,18 +409,33 @@ def chain_kernel(x0, wqkv, wo, wgu, wd, kc=None, vc=None, *, blocks=132, tk=128,
 
                         @pl.when(idx < n_bar)
                         def _():
-                            plgpu.semaphore_wait(sems.at[idx], B, memory_scope="gpu")
+                            plgpu.semaphore_wait(sems.at[idx], final_count(idx),
+                                                 memory_scope="gpu")
 
-        att_scratch = [
-            plgpu.SMEM((TC, HD), jnp.bfloat16, transforms=tf),       # k
-            plgpu.SMEM((TC, HD), jnp.bfloat16, transforms=tf),       # v
-            plgpu.SMEM((64, HD), jnp.bfloat16, transforms=tf),       # q (64 heads)
-            plgpu.SMEM((64, HD), jnp.float32),                       # o, m, l out
-            plgpu.SMEM((max(NS, 1), 3, HD), jnp.float32),            # merge in
-            plgpu.SMEM((HD,), jnp.bfloat16),                         # merge out
-        ] if attn else [plgpu.SMEM((8,), jnp.float32)] * 6
+        k_spec = plgpu.SMEM((TC, HD), jnp.bfloat16, transforms=tf)
+        v_spec = plgpu.SMEM((TC, HD), jnp.bfloat16, transforms=tf)
+        o_spec = plgpu.SMEM((64, HD), jnp.float32)                # o, m, l out
+        rest = [plgpu.SMEM((64, HD), jnp.bfloat16, transforms=tf),  # q (64 heads)
+                plgpu.SMEM((max(NS, 1), 3, HD), jnp.float32),      # merge in
+                plgpu.SMEM((HD,), jnp.bfloat16)]                   # merge out
+        if not attn:
+            att_scratch = [plgpu.SMEM((8,), jnp.float32)] * 6
+        elif alias:  # o is written only once k and v are read: they share memory
+            att_scratch = [plgpu.RefUnion((k_spec, v_spec), o_spec), *rest]
+        else:
+            att_scratch = [k_spec, v_spec, o_spec, *rest]
+
+        def with_att(*a):
+            att = a[8:12] if attn and alias else a[8:14]
+            if attn and alias:
+                (k, v), o = att[0]
+                att = (k, v, o, *att[1:])
+            k, v, o, q, c, m = att
+            n_att = 4 if attn and alias else 6
+            return inner(*a[:8], (k, v, q, o, c, m), *a[8 + n_att:])
+
         pl.run_scoped(
-            lambda *a: inner(*a[:8], a[8:14], *a[14:]),
+            with_att,
             plgpu.SMEM((S, tk, COLS), jnp.bfloat16, transforms=tf),
             plgpu.SMEM((S, R, tk), jnp.bfloat16, transforms=tf),
             plgpu.SMEM((R, COLS), jnp.bfloat16),
