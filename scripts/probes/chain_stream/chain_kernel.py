@@ -500,12 +500,13 @@ def chain_kernel(x0, wqkv, wo, wgu, wd, kc=None, vc=None, *, blocks=132, tk=128,
         # barrier)
         zero_union = plgpu.RefUnion((plgpu.SMEM((R, Z_W), jnp.bfloat16),
                                      plgpu.SMEM((R, HD), jnp.bfloat16)),
-                                    plgpu.SMEM((D // 256, 256), jnp.bfloat16))
+                                    plgpu.SMEM((D // 256 if norm else 1, 256), jnp.bfloat16))
         norm_scratch = [
             plgpu.SMEM((64, 16), jnp.bfloat16,
                        transforms=(plgpu.TilingTransform((8, 16)), plgpu.SwizzleTransform(32))),
             plgpu.SMEM((16, 64), jnp.float32),                # inverse RMS out
-            plgpu.SMEM((R, 64), jnp.float32)]                 # the rows' scales in
+            plgpu.SMEM((R, 64), jnp.float32),                 # the rows' scales in
+        ] if norm else [plgpu.SMEM((8,), jnp.float32)] * 3
 
         def with_att(*a):
             (z, zq), xn = a[3]
