@@ -78,11 +78,35 @@ def rope(v, pos, theta=500000.0):
     return v @ rope_rotation(pos, theta)
 
 
-def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, pos, *, context, blocks=132, tk=128,
-                 slots=6):
+def rope_halves(pos, theta=500000.0):
+    """[2, 2, 8, 32] float32: cos and sin of pos times the frequencies of each half of a head's
+    first 64 dimensions, repeated over 8 rows (for RoPE where q/k/v's sums are flushed)."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, HD, 2, dtype=jnp.float32) / HD)
+    ang = (pos.astype(jnp.float32) * inv_freq).reshape(2, 32)
+    cs = jnp.stack([jnp.cos(ang), jnp.sin(ang)], 1)
+    return jnp.broadcast_to(cs[:, :, None], (2, 2, 8, 32))
+
+
+def permute_qk_columns(w):
+    """[..., K, NQKV] -> the same with each q and k head's columns in the order 0-31, 64-95,
+    32-63, 96-127, so that each 64-column unit holds 32 RoPE pairs (flush-time RoPE)."""
+    h = jnp.concatenate([jnp.arange(32), jnp.arange(64, 96), jnp.arange(32, 64),
+                         jnp.arange(96, 128)])
+    idx = jnp.concatenate([(jnp.arange(QH + KVH)[:, None] * HD + h).reshape(-1),
+                           jnp.arange((QH + KVH) * HD, NQKV)])
+    return w[..., idx]
+
+
+def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, rope_cs, pos, *, context, blocks=132,
+                 tk=128, slots=6, rope=2, norm=1, newtok=1, xr=1):
     """x0 [8, D] bf16; weights tiled ([L, N / 64, K, 64]); kc, vc [L, KVH, Tmax, HD] bf16, of
     which the first `context` positions (a multiple of TC) are read and those < pos attended;
-    rot [HD, HD] bf16; pos [1] int32.
+    rot [HD, HD] bf16; rope_cs from rope_halves; pos [1] int32.
+    rope=1: each attention item rotates q by rot (wqkv as stored; the caller rotates the new
+    k); rope=2: q and k rotated where their sums are flushed (wqkv's columns permuted by
+    permute_qk_columns; qkv's k rows come out rotated). Options that give wrong values, to see
+    what a part costs: rope=0 (q not rotated), norm=0 (no norms: scale 1), newtok=0 (the new
+    token not attended), xr=0 (xr not kept).
     Returns (x, qkv, inv): x after L layers; qkv [L, 8, QKV_ROWS, HD] unscaled; inv
     [L, 2, 8, 64] float32 (inv[l, 0, 0, 0] scales row 0's q, k and v of layer l)."""
     from jax.experimental import pallas as pl
@@ -93,7 +117,8 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, pos, *, context, blocks=132
     B, S = blocks, slots
     T = context
     NS = T // TC
-    NI = KVH * (NS + 1)   # attention items, on blocks 1 .. NI (block 0 computes the norms)
+    NS1 = NS + 1 if newtok else NS    # parts per query head
+    NI = KVH * NS1   # attention items, on blocks 1 .. NI (block 0 computes the norms)
     assert T % TC == 0 and NI + 1 <= B and QH <= B and F // SILU_W <= B and D // Z_W < B
     assert D % 64 == 0 and D // 64 <= 64 and QH % 4 == 0
     ks = [k // tk for k, _ in SHAPES]
@@ -124,7 +149,7 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, pos, *, context, blocks=132
     n_zero = L * (zq + zg + za)
     f32, bf16 = jnp.float32, jnp.bfloat16
 
-    def body(x0_g, x0r_g, wqkv_g, wo_g, wgu_g, wd_g, kc_g, vc_g, rot_g, pos_g,
+    def body(x0_g, x0r_g, wqkv_g, wo_g, wgu_g, wd_g, kc_g, vc_g, rot_g, cs_g, pos_g,
              x_g, xr_g, qkv_g, gu_g, h_g, a_g, part_g, inv_g):
         b = lax.axis_index("b")
         wg = lax.axis_index("wg")
@@ -147,8 +172,9 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, pos, *, context, blocks=132
             return w_src[p].at[l, unit, pl.ds(k * tk, tk), :]
 
         def inner(w_smem, a_smem, out_smem, z_smem, zq_smem, xr0_smem, g_smem, u_smem, h_smem,
-                  att, nrm_bufs, c_smem, m_smem, bars):
+                  att, nrm_bufs, c_smem, m_smem, rope_bufs, bars):
             w_full, a_full, w_free, a_free, xbar, gbar, ubar, att_bars, nbar = bars
+            rs_smem, oa_smem, ob_smem, cs_smem = rope_bufs
 
             @pl.when(wg == 1)
             def _weights():
@@ -205,42 +231,43 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, pos, *, context, blocks=132
                     def _(l):
                         for which in (0, 1):
                             wait_all([jnp.where(l == 0, 0, sem(l - 1, DN)), sem(l, O_)][which])
-                            plgpu.copy_gmem_to_smem(xr_g, xr_smem, nbar)
-                            plgpu.barrier_wait(nbar)
+                            if norm:   # (norm=0: counted in without computing it)
+                                plgpu.copy_gmem_to_smem(xr_g, xr_smem, nbar)
+                                plgpu.barrier_wait(nbar)
 
-                            def gram(acc):
-                                plgpu.wgmma(acc, xr_smem, xr_smem.transpose((1, 0)))
-                                plgpu.wgmma_wait(0)
-                                return acc[...]
+                                def gram(acc):
+                                    plgpu.wgmma(acc, xr_smem, xr_smem.transpose((1, 0)))
+                                    plgpu.wgmma_wait(0)
+                                    return acc[...]
 
-                            gm = pl.run_scoped(gram, plgpu.ACC((64, 64), f32))
-                            r = plgpu.broadcasted_iota(jnp.int32, (64, 64), 0,
-                                                       layout=plgpu.Layout.WGMMA)
-                            c = plgpu.broadcasted_iota(jnp.int32, (64, 64), 1,
-                                                       layout=plgpu.Layout.WGMMA)
-                            dg = jnp.where(r == c, gm, 0.0)      # each chunk's sum of squares
-                            hi = dg.astype(bf16)
-                            lo = (dg - hi.astype(f32)).astype(bf16)
-                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                            hi_smem[...] = hi
-                            lo_smem[...] = lo
-                            plgpu.commit_smem()
-                            ones = (r * 0 + 1).astype(bf16)
+                                gm = pl.run_scoped(gram, plgpu.ACC((64, 64), f32))
+                                r = plgpu.broadcasted_iota(jnp.int32, (64, 64), 0,
+                                                           layout=plgpu.Layout.WGMMA)
+                                c = plgpu.broadcasted_iota(jnp.int32, (64, 64), 1,
+                                                           layout=plgpu.Layout.WGMMA)
+                                dg = jnp.where(r == c, gm, 0.0)   # each chunk's sum of squares
+                                hi = dg.astype(bf16)
+                                lo = (dg - hi.astype(f32)).astype(bf16)
+                                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                                hi_smem[...] = hi
+                                lo_smem[...] = lo
+                                plgpu.commit_smem()
+                                ones = (r * 0 + 1).astype(bf16)
 
-                            def col_sums(acc):   # acc[m, n] = dg[n, n]
-                                plgpu.wgmma(acc, ones, hi_smem)
-                                plgpu.wgmma(acc, ones, lo_smem)
-                                plgpu.wgmma_wait(0)
-                                return acc[...]
+                                def col_sums(acc):   # acc[m, n] = dg[n, n]
+                                    plgpu.wgmma(acc, ones, hi_smem)
+                                    plgpu.wgmma(acc, ones, lo_smem)
+                                    plgpu.wgmma_wait(0)
+                                    return acc[...]
 
-                            cs = pl.run_scoped(col_sums, plgpu.ACC((64, 64), f32))
-                            ssq = jnp.sum(cs, axis=1)
-                            inv = lax.rsqrt(lax.broadcast_in_dim(ssq, (64, 64), [0]) / D + EPS)
-                            inv_smem[...] = inv
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(inv_smem.at[pl.ds(0, 8)],
-                                                    inv_g.at[l, which])
-                            plgpu.wait_smem_to_gmem(0)
+                                cs = pl.run_scoped(col_sums, plgpu.ACC((64, 64), f32))
+                                ssq = jnp.sum(cs, axis=1)
+                                inv = lax.rsqrt(lax.broadcast_in_dim(ssq, (64, 64), [0]) / D + EPS)
+                                inv_smem[...] = inv
+                                plgpu.commit_smem()
+                                plgpu.copy_smem_to_gmem(inv_smem.at[pl.ds(0, 8)],
+                                                        inv_g.at[l, which])
+                                plgpu.wait_smem_to_gmem(0)
                             arrive(nrm(l, which))
 
                 arrive(DONE)
@@ -255,15 +282,19 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, pos, *, context, blocks=132
 
             def attention_item(l):
                 """Block 1 + i, i < NI: KV head g, split s (s == NS: the new token), for the 4
-                query heads of g (rows 4 (g % 2) .. + 3 of the 64-head q tile)."""
+                query heads of g (rows 4 (g % 2) .. + 3 of the 64-head q tile). Every copy is
+                asked for before the wait for the norm."""
                 (k_smem, v_smem), (q_smem, rot_smem), o_smem = att
                 i = b - 1
-                g, s = lax.div(i, NS + 1), lax.rem(i, NS + 1)
+                g, s = lax.div(i, NS1), lax.rem(i, NS1)
                 kb, vb, qb, rb = (att_bars.at[j] for j in range(4))
-                plgpu.copy_gmem_to_smem(qkv_g.at[l, 0, pl.ds(lax.div(g, 2) * 8, 64)], q_smem, qb)
-                wait_all(nrm(l, 0), 1)
-                inv = inv_g[l, 0, 0, 0]
                 col = plgpu.broadcasted_iota(jnp.int32, (64, TC), 1, layout=plgpu.Layout.WGMMA)
+
+                def norm_scale():
+                    if not norm:
+                        return 1.0
+                    wait_all(nrm(l, 0), 1)
+                    return inv_g[l, 0, 0, 0]
 
                 def softmax_pv(sc, pv_operand, v_ref, o_scale):
                     m = jnp.max(sc, axis=1)
@@ -279,71 +310,83 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, pos, *, context, blocks=132
                     return [o, lax.broadcast_in_dim(m, o.shape, [0]),
                             lax.broadcast_in_dim(lsum, o.shape, [0])]
 
+                def q_tile():
+                    return qkv_g.at[l, 0, pl.ds(lax.div(g, 2) * 8, 64)]
+
                 @pl.when(s < NS)
                 def _cache():
-                    pos = pos_g[0]
-                    plgpu.copy_gmem_to_smem(rot_g, rot_smem, rb)
+                    plgpu.copy_gmem_to_smem(q_tile(), q_smem, qb)
+                    if rope == 1:
+                        plgpu.copy_gmem_to_smem(rot_g, rot_smem, rb)
                     plgpu.copy_gmem_to_smem(kc_g.at[l, g, pl.ds(s * TC, TC)], k_smem, kb)
                     plgpu.copy_gmem_to_smem(vc_g.at[l, g, pl.ds(s * TC, TC)], v_smem, vb)
+                    pos = pos_g[0]
+                    inv = norm_scale()
                     plgpu.barrier_wait(qb)
-                    plgpu.barrier_wait(rb)
+                    if rope == 1:
+                        plgpu.barrier_wait(rb)
 
-                    def rotate(acc):
-                        plgpu.wgmma(acc, q_smem, rot_smem)
-                        plgpu.wgmma_wait(0)
-                        return acc[...]
+                        def rotate(acc):
+                            plgpu.wgmma(acc, q_smem, rot_smem)
+                            plgpu.wgmma_wait(0)
+                            return acc[...]
 
-                    qr = pl.run_scoped(rotate, plgpu.ACC((64, HD), f32)) * (inv * HD ** -0.5)
-                    qr = qr.astype(bf16)
+                        qr = pl.run_scoped(rotate, plgpu.ACC((64, HD), f32)) * (inv * HD ** -0.5)
+                        q_op, sc_scale = qr.astype(bf16), 1.0
+                    else:
+                        q_op, sc_scale = q_smem, inv * HD ** -0.5
                     plgpu.barrier_wait(kb)
 
                     def scores(acc):
-                        plgpu.wgmma(acc, qr, k_smem.transpose((1, 0)))
+                        plgpu.wgmma(acc, q_op, k_smem.transpose((1, 0)))
                         plgpu.wgmma_wait(0)
                         return acc[...]
 
-                    sc = pl.run_scoped(scores, plgpu.ACC((64, TC), f32))
+                    sc = pl.run_scoped(scores, plgpu.ACC((64, TC), f32)) * sc_scale
                     sc = jnp.where(col + s * TC < pos, sc, -1e30)
                     plgpu.barrier_wait(vb)
                     vals = softmax_pv(sc, lambda pr: pr, v_smem, 1.0)
                     write_partial(o_smem, l, s, g, vals)
 
-                @pl.when(s == NS)
-                def _new_token():
-                    # rows 0-7 the new k heads, 8-15 the new v heads, then zeros
-                    plgpu.copy_gmem_to_smem(qkv_g.at[l, 0, pl.ds(QH, 64)], k_smem, kb)
-                    plgpu.barrier_wait(qb)
-                    plgpu.barrier_wait(kb)
+                if newtok:
+                    @pl.when(s == NS)
+                    def _new_token():
+                        # rows 0-7 the new k heads, 8-15 the new v heads, then zeros
+                        plgpu.copy_gmem_to_smem(q_tile(), q_smem, qb)
+                        plgpu.copy_gmem_to_smem(qkv_g.at[l, 0, pl.ds(QH, 64)], k_smem, kb)
+                        inv = norm_scale()
+                        plgpu.barrier_wait(qb)
+                        plgpu.barrier_wait(kb)
 
-                    def scores(acc):
-                        plgpu.wgmma(acc, q_smem, k_smem.transpose((1, 0)))
-                        plgpu.wgmma_wait(0)
-                        return acc[...]
+                        def scores(acc):
+                            plgpu.wgmma(acc, q_smem, k_smem.transpose((1, 0)))
+                            plgpu.wgmma_wait(0)
+                            return acc[...]
 
-                    sc = pl.run_scoped(scores, plgpu.ACC((64, TC), f32)) * (inv * inv * HD ** -0.5)
-                    sc = jnp.where(col == g, sc, -1e30)
-                    # P @ V with P one-hot on v head g's row
-                    vals = softmax_pv(sc, lambda pr: jnp.where(col == KVH + g, 1.0, 0.0),
-                                      k_smem, inv)
-                    write_partial(o_smem, l, NS, g, vals)
+                        sc = pl.run_scoped(scores, plgpu.ACC((64, TC), f32)) * (inv * inv * HD ** -0.5)
+                        sc = jnp.where(col == g, sc, -1e30)
+                        # P @ V with P one-hot on v head g's row
+                        vals = softmax_pv(sc, lambda pr: jnp.where(col == KVH + g, 1.0, 0.0),
+                                          k_smem, inv)
+                        write_partial(o_smem, l, NS, g, vals)
 
             def merge(l):
-                """Block b < QH: query head b, its NS + 1 parts merged into a[l][0, head]."""
+                """Block b < QH: query head b, its NS1 parts merged into a[l][0, head]."""
                 g = lax.div(b, QH // KVH)
                 j = lax.rem(g, 2) * 4 + lax.rem(b, QH // KVH)   # its row in the item's output
-                for s in range(NS + 1):
+                for s in range(NS1):
                     for i in range(3):
                         plgpu.copy_gmem_to_smem(part_g.at[l, s, g, i, j], c_smem.at[s, i],
                                                 att_bars.at[4 + 3 * s + i])
-                for s in range(NS + 1):
+                for s in range(NS1):
                     for i in range(3):
                         plgpu.barrier_wait(att_bars.at[4 + 3 * s + i])
-                ms = [c_smem.at[s, 1][...] for s in range(NS + 1)]
+                ms = [c_smem.at[s, 1][...] for s in range(NS1)]
                 top = ms[0]
                 for v in ms[1:]:
                     top = jnp.maximum(top, v)
                 num = den = None
-                for s in range(NS + 1):
+                for s in range(NS1):
                     w = jnp.exp(ms[s] - top)
                     o_s, l_s = c_smem.at[s, 0][...], c_smem.at[s, 2][...]
                     num = w * o_s if num is None else num + w * o_s
@@ -400,6 +443,10 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, pos, *, context, blocks=132
                     plgpu.copy_smem_to_gmem(xr0_smem, xr_g)
                     plgpu.wait_smem_to_gmem(0)
 
+                if rope == 2:
+                    plgpu.copy_gmem_to_smem(cs_g, cs_smem, xbar)
+                    plgpu.barrier_wait(xbar)
+
                 arrive(0)
 
                 def consume(acc):
@@ -429,19 +476,50 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, pos, *, context, blocks=132
                                                                  plgpu.Layout.WGMMA)
                                     plgpu.wait_smem_to_gmem(0)  # out_smem free again
                                     vt = plgpu.layout_cast(v, plgpu.Layout.WGMMA_TRANSPOSED)
-                                    out_smem.T[...] = vt.astype(out_smem.dtype)
-                                    plgpu.commit_smem()
-                                    if p == 0:   # q/k/v stored as heads of 128
-                                        dst = qkv_g.at[l, :, lax.div(unit, 2),
-                                                       pl.ds(lax.rem(unit, 2) * COLS, COLS)]
-                                    else:
-                                        dst = [None, x_g, gu_g.at[l], x_g][p].at[
-                                            :, pl.ds(unit * COLS, COLS)]
-                                    plgpu.copy_smem_to_gmem(out_smem, dst, reduction_op="add")
-                                    if p in (1, 3):   # row 0 again into xr, for the norms
-                                        plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, 1)],
-                                                                xr_g.at[pl.ds(unit, 1)],
+                                    flush_rope = p == 0 and rope == 2
+                                    rotated = (unit < 2 * (QH + KVH)) if flush_rope else None
+
+                                    def rotated_store():
+                                        # the unit's 32 RoPE pairs: columns j and 32 + j
+                                        rs_smem.T[...] = vt
+                                        plgpu.commit_smem()
+                                        half = lax.rem(unit, 2)
+                                        c = cs_smem.at[half, 0][...]
+                                        sn = cs_smem.at[half, 1][...]
+                                        x1 = rs_smem.at[:, pl.ds(0, 32)][...]
+                                        x2 = rs_smem.at[:, pl.ds(32, 32)][...]
+                                        oa_smem[...] = (x1 * c - x2 * sn).astype(bf16)
+                                        ob_smem[...] = (x2 * c + x1 * sn).astype(bf16)
+                                        plgpu.commit_smem()
+                                        head = qkv_g.at[l, :, lax.div(unit, 2)]
+                                        plgpu.copy_smem_to_gmem(
+                                            oa_smem, head.at[:, pl.ds(half * 32, 32)],
+                                            reduction_op="add")
+                                        plgpu.copy_smem_to_gmem(
+                                            ob_smem, head.at[:, pl.ds(64 + half * 32, 32)],
+                                            reduction_op="add")
+
+                                    def plain_store():
+                                        out_smem.T[...] = vt.astype(out_smem.dtype)
+                                        plgpu.commit_smem()
+                                        if p == 0:   # q/k/v stored as heads of 128
+                                            dst = qkv_g.at[l, :, lax.div(unit, 2),
+                                                           pl.ds(lax.rem(unit, 2) * COLS, COLS)]
+                                        else:
+                                            dst = [None, x_g, gu_g.at[l], x_g][p].at[
+                                                :, pl.ds(unit * COLS, COLS)]
+                                        plgpu.copy_smem_to_gmem(out_smem, dst,
                                                                 reduction_op="add")
+                                        if xr and p in (1, 3):   # row 0 into xr too
+                                            plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, 1)],
+                                                                    xr_g.at[pl.ds(unit, 1)],
+                                                                    reduction_op="add")
+
+                                    if flush_rope:
+                                        pl.when(rotated)(rotated_store)
+                                        pl.when(jnp.logical_not(rotated))(plain_store)
+                                    else:
+                                        plain_store()
 
                             plgpu.wait_smem_to_gmem(0)
                             arrive(sem(l, [Q_, O_, G_, DN][p]))
@@ -470,8 +548,10 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, pos, *, context, blocks=132
                                     plgpu.copy_gmem_to_smem(gu_g.at[l, :, cols], g_smem, gbar)
                                     plgpu.copy_gmem_to_smem(
                                         gu_g.at[l, :, pl.ds(F + b * SILU_W, SILU_W)], u_smem, ubar)
-                                    wait_all(nrm(l, 1), 1)
-                                    inv1 = inv_g[l, 1, 0, 0]
+                                    inv1 = 1.0
+                                    if norm:
+                                        wait_all(nrm(l, 1), 1)
+                                        inv1 = inv_g[l, 1, 0, 0]
                                     plgpu.barrier_wait(gbar)
                                     plgpu.barrier_wait(ubar)
                                     g = g_smem[...].astype(f32) * inv1
@@ -503,38 +583,42 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, pos, *, context, blocks=132
                     def _():
                         plgpu.semaphore_wait(sems.at[idx], final_count(idx), memory_scope="gpu")
 
-        # The attention's buffers and the norm's share memory: the norms run in block 0 only,
-        # which runs no attention item. An item writes o only once k, v, q and rot are read.
+        # The attention's buffers, the norm's and those used only at the start share memory:
+        # the norms run in block 0 only, which runs no attention item, and only once every block
+        # is past the start. An item writes o only once k, v, q and rot are read.
         att_bufs = (plgpu.SMEM((TC, HD), bf16, transforms=tf),
                     plgpu.SMEM((TC, HD), bf16, transforms=tf),
                     plgpu.SMEM((64, HD), bf16, transforms=tf),
-                    plgpu.SMEM((HD, HD), bf16, transforms=tf))
+                    plgpu.SMEM((HD, HD) if rope == 1 else (8, 64), bf16, transforms=tf))
         norm_bufs = (plgpu.SMEM((64, 64), bf16, transforms=tf),
                      plgpu.SMEM((64, 64), bf16, transforms=tf),
                      plgpu.SMEM((64, 64), bf16, transforms=tf),
                      plgpu.SMEM((64, 64), f32))
-        shared = plgpu.RefUnion(att_bufs, plgpu.SMEM((64, HD), f32), norm_bufs)
+        start_bufs = (plgpu.SMEM((R, Z_W), bf16), plgpu.SMEM((R, HD), bf16),
+                      plgpu.SMEM((64, 64), bf16))
+        shared = plgpu.RefUnion(att_bufs, plgpu.SMEM((64, HD), f32), norm_bufs, start_bufs)
 
-        def with_scratch(w_smem, a_smem, out_smem, z_smem, zq_smem, xr0_smem, g_smem, u_smem,
-                         h_smem, shared_ref, c_smem, m_smem, *bars):
-            (k_ref, v_ref, q_ref, rot_ref), o_ref, nrm_refs = shared_ref
+        def with_scratch(w_smem, a_smem, out_smem, g_smem, u_smem, h_smem, shared_ref, c_smem,
+                         m_smem, rs_smem, oa_smem, ob_smem, cs_smem, *bars):
+            (k_ref, v_ref, q_ref, rot_ref), o_ref, nrm_refs, (z_smem, zq_smem, xr0_smem) = \
+                shared_ref
             inner(w_smem, a_smem, out_smem, z_smem, zq_smem, xr0_smem, g_smem, u_smem, h_smem,
-                  ((k_ref, v_ref), (q_ref, rot_ref), o_ref), nrm_refs, c_smem, m_smem, bars)
+                  ((k_ref, v_ref), (q_ref, rot_ref), o_ref), nrm_refs, c_smem, m_smem,
+                  (rs_smem, oa_smem, ob_smem, cs_smem), bars)
 
         pl.run_scoped(
             with_scratch,
             plgpu.SMEM((S, tk, COLS), bf16, transforms=tf),
             plgpu.SMEM((S, R, tk), bf16, transforms=tf),
             plgpu.SMEM((R, COLS), bf16),
-            plgpu.SMEM((R, Z_W), bf16),
-            plgpu.SMEM((R, HD), bf16),
-            plgpu.SMEM((64, 64), bf16),
             plgpu.SMEM((R, SILU_W), bf16),
             plgpu.SMEM((R, SILU_W), bf16),
             plgpu.SMEM((R, SILU_W), bf16),
             shared,
-            plgpu.SMEM((NS + 1, 3, HD), f32),
+            plgpu.SMEM((NS1, 3, HD), f32),
             plgpu.SMEM((HD,), bf16),
+            *([plgpu.SMEM((R, 64), f32), plgpu.SMEM((R, 32), bf16), plgpu.SMEM((R, 32), bf16),
+               plgpu.SMEM((2, 2, R, 32), f32)] if rope == 2 else [plgpu.SMEM((8,), f32)] * 4),
             plgpu.Barrier(num_barriers=S),
             plgpu.Barrier(num_barriers=S),
             plgpu.Barrier(num_barriers=S),
@@ -542,7 +626,7 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, pos, *, context, blocks=132
             plgpu.Barrier(),
             plgpu.Barrier(),
             plgpu.Barrier(),
-            plgpu.Barrier(num_barriers=4 + 3 * (NS + 1)),
+            plgpu.Barrier(num_barriers=4 + 3 * NS1),
             plgpu.Barrier(),
             collective_axes="wg",
         )
@@ -553,12 +637,12 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, pos, *, context, blocks=132
                 jax.ShapeDtypeStruct((L, R, 2 * F), bf16),          # gu
                 jax.ShapeDtypeStruct((L, R, F), bf16),              # h
                 jax.ShapeDtypeStruct((L, R, D), bf16),              # a
-                jax.ShapeDtypeStruct((L, NS + 1, KVH, 3, 8, HD), f32),
+                jax.ShapeDtypeStruct((L, NS1, KVH, 3, 8, HD), f32),
                 jax.ShapeDtypeStruct((L, 2, 8, 64), f32))           # inverse RMS, broadcast
     x0r = jnp.zeros((64, 64), bf16).at[:D // 64].set(x0[0].reshape(D // 64, 64))
     out = plgpu.kernel(body, out_type=out_type, grid=(B,), grid_names=("b",), num_threads=4,
                        thread_name="wg")(
-        x0, x0r, wqkv, wo, wgu, wd, kc, vc, rot, pos)
+        x0, x0r, wqkv, wo, wgu, wd, kc, vc, rot, rope_cs, pos)
     return out[0], out[2], out[7]
 
 
@@ -567,9 +651,12 @@ def decode_layers_kernel(x0, wqkv, wo, wgu, wd, kc, vc, pos, **kw):
     rows rotated, scaled and written to the cache at pos (kc, vc [L, KVH, Tmax, HD]).
     Returns (x, kc, vc)."""
     rot = rope_rotation(pos[0]).astype(jnp.bfloat16)
-    x, qkv, inv = layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, pos, **kw)
+    x, qkv, inv = layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, rope_halves(pos[0]), pos,
+                               **kw)
     s = inv[:, 0, 0, 0][:, None, None]
-    k_new = rope(qkv[:, 0, QH:QH + KVH].astype(jnp.float32) * s, pos[0])
+    k_new = qkv[:, 0, QH:QH + KVH].astype(jnp.float32) * s
+    if kw.get("rope", 2) != 2:
+        k_new = rope(k_new, pos[0])
     v_new = qkv[:, 0, QH + KVH:QH + 2 * KVH].astype(jnp.float32) * s
     kc = lax.dynamic_update_slice_in_dim(kc, k_new[:, :, None].astype(kc.dtype), pos[0], 2)
     vc = lax.dynamic_update_slice_in_dim(vc, v_new[:, :, None].astype(vc.dtype), pos[0], 2)

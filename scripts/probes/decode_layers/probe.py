@@ -5,7 +5,8 @@ copy bandwidth measured in the same process; and how far the kernel's results ar
 
     python scripts/probes/decode_layers/probe.py [variant ...]
 
-Variants: xla[:ctx=<n>], or kernel:<slots>[:blocks=<n>][:ctx=<n>] (ctx 256 by default).
+Variants: xla[:ctx=<n>], or kernel:<slots>[:<option>=<int>...] (options blocks, ctx (256 by
+default), rope, norm, newtok, xr; see layer_kernel.py).
 JSON under $OUT."""
 import json, os, sys, tempfile, time
 import numpy as np
@@ -14,7 +15,7 @@ import jax, jax.numpy as jnp
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [here, os.path.join(here, "..", "..", "..")]
 from layer_kernel import (D, F, HD, KVH, NQKV, R, TC, decode_layers_kernel, decode_layers_xla,
-                          tile_weight)
+                          permute_qk_columns, tile_weight)
 from scripts.bench_common import copy_bandwidth_gbs, gpu_kernel_events
 
 L = 32
@@ -33,7 +34,8 @@ scale = [1.0, 0.1, 1.0, 1.0]
 std = [[(weight(100 * p + l, *shapes[p]) * scale[p]).astype(jnp.bfloat16) for l in range(L)]
        for p in range(4)]
 tiled = [jnp.stack([tile_weight(w) for w in ws]) for ws in std]
-jax.block_until_ready(tiled)
+tiled_qkv_permuted = jnp.stack([tile_weight(permute_qk_columns(w)) for w in std[0]])
+jax.block_until_ready((tiled, tiled_qkv_permuted))
 bytes_per_layer = sum(k * n * 2 for k, n in shapes)
 x0 = jnp.zeros((R, D), jnp.bfloat16).at[0].set(
     jax.random.normal(jax.random.fold_in(key, 999), (D,), jnp.float32).astype(jnp.bfloat16))
@@ -58,7 +60,8 @@ def run(name):
         kcfg = dict(slots=int(rest[0]), context=ctx, **extra)
         fn = jax.jit(lambda x, ws, kc, vc, pos: decode_layers_kernel(x, *ws, kc, vc, pos, **kcfg),
                      donate_argnums=(2, 3))
-        args, cfg = tiled, dict(kcfg, ctx=ctx)
+        args = tiled if kcfg.get("rope", 2) != 2 else [tiled_qkv_permuted, *tiled[1:]]
+        cfg = dict(kcfg, ctx=ctx)
     t = time.perf_counter()
     x, kc, vc = jax.block_until_ready(fn(x0, args, *cache(ctx, L), pos))
     compile_s = time.perf_counter() - t
