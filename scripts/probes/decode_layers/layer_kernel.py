@@ -583,9 +583,10 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, rope_cs, pos, *, context, b
                     def _():
                         plgpu.semaphore_wait(sems.at[idx], final_count(idx), memory_scope="gpu")
 
-        # The attention's buffers, the norm's and those used only at the start share memory:
-        # the norms run in block 0 only, which runs no attention item, and only once every block
-        # is past the start. An item writes o only once k, v, q and rot are read.
+        # The attention items' buffers, the merge's, the norm's and those used only at the start
+        # share memory: the norms run in block 0 only, which runs no attention item, once every
+        # block is past the start, and never during a merge (the merges wait for all items,
+        # which wait for the norm). An item writes o only once k, v, q and rot are read.
         att_bufs = (plgpu.SMEM((TC, HD), bf16, transforms=tf),
                     plgpu.SMEM((TC, HD), bf16, transforms=tf),
                     plgpu.SMEM((64, HD), bf16, transforms=tf),
@@ -596,12 +597,14 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, rope_cs, pos, *, context, b
                      plgpu.SMEM((64, 64), f32))
         start_bufs = (plgpu.SMEM((R, Z_W), bf16), plgpu.SMEM((R, HD), bf16),
                       plgpu.SMEM((64, 64), bf16))
-        shared = plgpu.RefUnion(att_bufs, plgpu.SMEM((64, HD), f32), norm_bufs, start_bufs)
+        merge_bufs = (plgpu.SMEM((NS1, 3, HD), f32), plgpu.SMEM((HD,), bf16))
+        shared = plgpu.RefUnion(att_bufs, plgpu.SMEM((64, HD), f32), norm_bufs, start_bufs,
+                                merge_bufs)
 
-        def with_scratch(w_smem, a_smem, out_smem, g_smem, u_smem, h_smem, shared_ref, c_smem,
-                         m_smem, rs_smem, oa_smem, ob_smem, cs_smem, *bars):
-            (k_ref, v_ref, q_ref, rot_ref), o_ref, nrm_refs, (z_smem, zq_smem, xr0_smem) = \
-                shared_ref
+        def with_scratch(w_smem, a_smem, out_smem, g_smem, u_smem, h_smem, shared_ref,
+                         rs_smem, oa_smem, ob_smem, cs_smem, *bars):
+            ((k_ref, v_ref, q_ref, rot_ref), o_ref, nrm_refs, (z_smem, zq_smem, xr0_smem),
+             (c_smem, m_smem)) = shared_ref
             inner(w_smem, a_smem, out_smem, z_smem, zq_smem, xr0_smem, g_smem, u_smem, h_smem,
                   ((k_ref, v_ref), (q_ref, rot_ref), o_ref), nrm_refs, c_smem, m_smem,
                   (rs_smem, oa_smem, ob_smem, cs_smem), bars)
@@ -615,8 +618,6 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, rope_cs, pos, *, context, b
             plgpu.SMEM((R, SILU_W), bf16),
             plgpu.SMEM((R, SILU_W), bf16),
             shared,
-            plgpu.SMEM((NS1, 3, HD), f32),
-            plgpu.SMEM((HD,), bf16),
             *([plgpu.SMEM((R, 64), f32), plgpu.SMEM((R, 32), bf16), plgpu.SMEM((R, 32), bf16),
                plgpu.SMEM((2, 2, R, 32), f32)] if rope == 2 else [plgpu.SMEM((8,), f32)] * 4),
             plgpu.Barrier(num_barriers=S),
