@@ -98,13 +98,15 @@ def permute_qk_columns(w):
 
 
 def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, rope_cs, pos, *, context, blocks=132,
-                 tk=128, slots=6, rope=2, norm=1, newtok=1, xr=1):
+                 tk=128, slots=7, rope=1, norm=1, newtok=1, xr=1):
     """x0 [8, D] bf16; weights tiled ([L, N / 64, K, 64]); kc, vc [L, KVH, Tmax, HD] bf16, of
     which the first `context` positions (a multiple of TC) are read and those < pos attended;
     rot [HD, HD] bf16; rope_cs from rope_halves; pos [1] int32.
     rope=1: each attention item rotates q by rot (wqkv as stored; the caller rotates the new
     k); rope=2: q and k rotated where their sums are flushed (wqkv's columns permuted by
-    permute_qk_columns; qkv's k rows come out rotated). Options that give wrong values, to see
+    permute_qk_columns; qkv's k rows come out rotated): lowers with jax 0.10.2, but jax
+    0.11.2's layout inference found no layouts for it. 7 slots is the most that fits beside
+    rope=1's buffers (8 exceeds the 232,448 bytes of shared memory). Options that give wrong values, to see
     what a part costs: rope=0 (q not rotated), norm=0 (no norms: scale 1), newtok=0 (the new
     token not attended), xr=0 (xr not kept).
     Returns (x, qkv, inv): x after L layers; qkv [L, 8, QKV_ROWS, HD] unscaled; inv
@@ -656,7 +658,7 @@ def decode_layers_kernel(x0, wqkv, wo, wgu, wd, kc, vc, pos, **kw):
                                **kw)
     s = inv[:, 0, 0, 0][:, None, None]
     k_new = qkv[:, 0, QH:QH + KVH].astype(jnp.float32) * s
-    if kw.get("rope", 2) != 2:
+    if kw.get("rope", 1) != 2:
         k_new = rope(k_new, pos[0])
     v_new = qkv[:, 0, QH + KVH:QH + 2 * KVH].astype(jnp.float32) * s
     kc = lax.dynamic_update_slice_in_dim(kc, k_new[:, :, None].astype(kc.dtype), pos[0], 2)

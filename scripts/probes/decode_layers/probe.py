@@ -19,7 +19,8 @@ from layer_kernel import (D, F, HD, KVH, NQKV, R, TC, decode_layers_kernel, deco
 from scripts.bench_common import copy_bandwidth_gbs, gpu_kernel_events
 
 L = 32
-variants = sys.argv[1:] or ["xla", "kernel:6"]
+variants = sys.argv[1:] or ["xla", "kernel:7", "kernel:7:newtok=0",
+                           "kernel:6:rope=0:norm=0:newtok=0:xr=0"]
 out_dir = os.environ.get("OUT", "/tmp")
 key = jax.random.key(0)
 
@@ -60,7 +61,7 @@ def run(name):
         kcfg = dict(slots=int(rest[0]), context=ctx, **extra)
         fn = jax.jit(lambda x, ws, kc, vc, pos: decode_layers_kernel(x, *ws, kc, vc, pos, **kcfg),
                      donate_argnums=(2, 3))
-        args = tiled if kcfg.get("rope", 2) != 2 else [tiled_qkv_permuted, *tiled[1:]]
+        args = tiled if kcfg.get("rope", 1) != 2 else [tiled_qkv_permuted, *tiled[1:]]
         cfg = dict(kcfg, ctx=ctx)
     t = time.perf_counter()
     x, kc, vc = jax.block_until_ready(fn(x0, args, *cache(ctx, L), pos))
