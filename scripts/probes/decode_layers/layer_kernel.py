@@ -126,6 +126,9 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, rope_cs, pos, *, context, b
     newtok=3 (with rope=3, pos < context): the q/k/v flushes add the new K/V rows, scaled by
     the norm (and k rotated), into the cache at pos, and the items attend to them as cache
     rows; the cache is aliased in and out, and nothing is left for the caller to write.
+    newtok=4: as 3, but the flushes add the rows unscaled (no wait for the norm there), the
+    items scale the new row's score and weight by the norm, and block 0's norm warpgroup
+    scales the rows in the cache once the items are done.
     Returns (x, qkv, inv): x after L layers; qkv [L, 8, QKV_ROWS, HD] unscaled; inv
     [L, 2, 8, 64] float32 (inv[l, 0, 0, 0] scales row 0's q, k and v of layer l)."""
     from jax.experimental import pallas as pl
@@ -134,7 +137,8 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, rope_cs, pos, *, context, b
     assert tk == HD, "activation tiles of the attention output are read one head at a time"
     L = wqkv.shape[0]
     B, S = blocks, slots
-    assert newtok != 3 or rope == 3, "newtok=3 writes k as rotated at the flush (rope=3)"
+    assert newtok < 3 or rope == 3, "newtok=3, 4 write k as rotated at the flush (rope=3)"
+    in_cache = newtok in (3, 4)   # the new K/V rows written into the cache by the kernel
     T = context
     NS = T // TC
     NS1 = NS + 1 if newtok == 1 else NS    # parts per query head
@@ -166,7 +170,7 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, rope_cs, pos, *, context, b
 
     tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     zq, zg, za = QKV_ROWS, 2 * F // Z_W, D // Z_W   # zeroing stores per layer
-    zc = 2 * KVH if newtok == 3 else 0               # the new K/V rows of the cache
+    zc = 2 * KVH if in_cache else 0                  # the new K/V rows of the cache
     n_zero = L * (zq + zg + za + zc)
     f32, bf16 = jnp.float32, jnp.bfloat16
 
@@ -194,8 +198,9 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, rope_cs, pos, *, context, b
 
         def inner(w_smem, a_smem, out_smem, z_smem, zq_smem, xr0_smem, g_smem, u_smem, h_smem,
                   att, nrm_bufs, c_smem, m_smem, rope_bufs, bars):
-            w_full, a_full, w_free, a_free, xbar, gbar, ubar, att_bars, nbar = bars
             rs_smem, oa_smem, ob_smem, cs_smem, kvs_smem = rope_bufs
+            w_full, a_full, w_free, a_free, xbar, gbar, ubar, att_bars, nbar, fx_bars = bars
+            fx_smem = kvs_smem
 
             @pl.when(wg == 1)
             def _weights():
@@ -290,6 +295,26 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, rope_cs, pos, *, context, b
                                                         inv_g.at[l, which])
                                 plgpu.wait_smem_to_gmem(0)
                             arrive(nrm(l, which))
+                            if newtok == 4 and which == 0:
+                                # scale the new K/V rows in the cache once the items have
+                                # read them unscaled
+                                wait_all(sem(l, ATT))
+                                pos = pos_g[0]
+                                for r in range(2 * KVH):
+                                    plgpu.copy_gmem_to_smem(
+                                        (kc_g, vc_g)[r // KVH].at[l, r % KVH, pl.ds(pos, 1)],
+                                        fx_smem.at[pl.ds(r, 1)], fx_bars.at[r])
+                                for r in range(2 * KVH):
+                                    plgpu.barrier_wait(fx_bars.at[r])
+                                rows = plgpu.load(fx_smem, (), layout=plgpu.Layout.WG_STRIDED(
+                                    (2 * KVH, HD), vec_size=2))
+                                fx_smem[...] = (rows.astype(f32) * inv_g[l, 0, 0, 0]).astype(bf16)
+                                plgpu.commit_smem()
+                                for r in range(2 * KVH):
+                                    plgpu.copy_smem_to_gmem(
+                                        fx_smem.at[pl.ds(r, 1)],
+                                        (kc_g, vc_g)[r // KVH].at[l, r % KVH, pl.ds(pos, 1)])
+                                plgpu.wait_smem_to_gmem(0)
 
                 arrive(DONE)
 
@@ -367,10 +392,17 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, rope_cs, pos, *, context, b
 
                     sc = pl.run_scoped(scores, plgpu.ACC((64, TC), f32)) * sc_scale
                     # newtok=3: the new token's row (at pos) is already in the cache
-                    sc = jnp.where((col + s * TC <= pos) if newtok == 3 else (col + s * TC < pos),
+                    if newtok == 4:   # the new row unscaled: its score takes inv once more
+                        sc = jnp.where(col + s * TC == pos, sc * inv, sc)
+                    sc = jnp.where((col + s * TC <= pos) if in_cache else (col + s * TC < pos),
                                    sc, -1e30)
                     plgpu.barrier_wait(vb)
-                    vals = softmax_pv(sc, lambda pr: pr, v_smem, 1.0)
+                    if newtok == 4:   # and its v row too
+                        vals = softmax_pv(
+                            sc, lambda pr: jnp.where(col + s * TC == pos, pr * inv, pr),
+                            v_smem, 1.0)
+                    else:
+                        vals = softmax_pv(sc, lambda pr: pr, v_smem, 1.0)
                     if with_new:
                         # the new token as one more masked step: its score (q and k as stored,
                         # which turn by the same angle) and its v row (a one-hot P @ V)
@@ -485,7 +517,7 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, rope_cs, pos, *, context, b
                         plgpu.copy_smem_to_gmem(
                             z_smem, a_g.at[lax.div(c3, za), :, pl.ds(lax.rem(c3, za) * Z_W, Z_W)])
 
-                    if newtok == 3:   # the cache rows at pos, which the q/k/v flushes add into
+                    if in_cache:   # the cache rows at pos, which the q/k/v flushes add into
                         c4 = c3 - L * za
                         lz, rz = lax.div(c4, zc), lax.rem(c4, zc)
                         for which, cache_g in enumerate((kc_g, vc_g)):
@@ -590,6 +622,19 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, rope_cs, pos, *, context, b
                                                     functools.partial(cache_store, vt, which))
                                         out_smem.T[...] = vt.astype(out_smem.dtype)
                                         plgpu.commit_smem()
+                                        if p == 0 and newtok == 4:   # row 0, unscaled
+                                            for which in (0, 1):
+                                                lo = 2 * (QH + which * KVH)
+                                                hd = lax.div(unit, 2) - QH - which * KVH
+
+                                                @pl.when((unit >= lo) & (unit < lo + 2 * KVH))
+                                                def _(which=which, hd=hd):
+                                                    plgpu.copy_smem_to_gmem(
+                                                        out_smem.at[pl.ds(0, 1)],
+                                                        (kc_g, vc_g)[which].at[
+                                                            l, hd, pl.ds(pos_g[0], 1),
+                                                            pl.ds(lax.rem(unit, 2) * COLS, COLS)],
+                                                        reduction_op="add")
                                         if p == 0:   # q/k/v stored as heads of 128
                                             dst = qkv_g.at[l, :, lax.div(unit, 2),
                                                            pl.ds(lax.rem(unit, 2) * COLS, COLS)]
@@ -739,7 +784,7 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, rope_cs, pos, *, context, b
                plgpu.SMEM((2, 2, R, 32), f32)] if rope == 2 else
               [plgpu.SMEM((64, R), f32), plgpu.SMEM((8,), bf16), plgpu.SMEM((8,), bf16),
                plgpu.SMEM((2, 2, 32, R), f32)] if rope == 3 else [plgpu.SMEM((8,), f32)] * 4),
-            plgpu.SMEM((R, COLS) if newtok == 3 else (8,), bf16),
+            plgpu.SMEM({3: (R, COLS), 4: (2 * KVH, HD)}.get(newtok, (8,)), bf16),
             plgpu.Barrier(num_barriers=S),
             plgpu.Barrier(num_barriers=S),
             plgpu.Barrier(num_barriers=S),
@@ -749,6 +794,7 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, rope_cs, pos, *, context, b
             plgpu.Barrier(),
             plgpu.Barrier(num_barriers=5 + 3 * NS1),
             plgpu.Barrier(),
+            plgpu.Barrier(num_barriers=2 * KVH),
             collective_axes="wg",
         )
 
@@ -761,7 +807,7 @@ def layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, rope_cs, pos, *, context, b
                 jax.ShapeDtypeStruct((L, NS1, KVH, 3, 8, HD), f32),
                 jax.ShapeDtypeStruct((L, 2, 8, 64), f32))           # inverse RMS, broadcast
     x0r = jnp.zeros((64, 64), bf16).at[:D // 64].set(x0[0].reshape(D // 64, 64))
-    if newtok == 3:
+    if in_cache:
         # the kernel writes the new K/V rows into the cache itself: the cache goes in as
         # mutable refs, which the call aliases in and out
         new_ref = getattr(jax, "new_ref", None) or jax.ref.new_ref
@@ -782,7 +828,7 @@ def decode_layers_kernel(x0, wqkv, wo, wgu, wd, kc, vc, pos, **kw):
     Returns (x, kc, vc)."""
     rot = rope_rotation(pos[0]).astype(jnp.bfloat16)
     cs = rope_rows(pos[0]) if kw.get("rope") == 3 else rope_halves(pos[0])
-    if kw.get("newtok") == 3:   # the kernel writes the new rows itself
+    if kw.get("newtok") in (3, 4):   # the kernel writes the new rows itself
         x, _, _, kc, vc = layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, cs, pos, **kw)
         return x, kc, vc
     x, qkv, inv = layer_kernel(x0, wqkv, wo, wgu, wd, kc, vc, rot, cs, pos, **kw)
