@@ -36,6 +36,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "1 on CPU)")
     g.add_argument("--multi-step-max-seqs", type=int, default=8,
                    help="largest batch that runs several decode steps per launch")
+    g.add_argument("--decode-kernel", default="off", choices=["auto", "on", "off"],
+                   help="batch-1 decode with every layer in one persistent kernel (NVIDIA "
+                        "Hopper, Llama-shaped models; auto: where supported)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

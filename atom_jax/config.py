@@ -30,6 +30,10 @@ class EngineConfig:
     # multi_step_max_seqs sequences; each bucket up to there gets two more programs.
     num_scheduler_steps: int | None = None
     multi_step_max_seqs: int = 8
+    # Batch-1 decode steps with every layer in one persistent kernel (Mosaic GPU, NVIDIA
+    # Hopper; Llama-shaped models, contexts up to 1,024 tokens; docs/performance.md).
+    # auto: where the GPU and the model allow it; on: an error where they do not; off.
+    decode_kernel: str = "off"
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -44,5 +48,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.decode_kernel not in ("auto", "on", "off"):
+            raise ValueError(f"decode_kernel must be auto, on or off, got {self.decode_kernel!r}")
         if self.attn_impl not in ("auto", "xla", "pallas"):
             raise ValueError(f"attn_impl must be auto, xla or pallas, got {self.attn_impl!r}")

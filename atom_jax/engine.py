@@ -13,13 +13,14 @@ import jax.numpy as jnp
 from atom_jax.block_manager import BlockManager
 from atom_jax.config import EngineConfig
 from atom_jax.loader import load_model
-from atom_jax.model_runner import ModelRunner, grows_on_demand
+from atom_jax.model_runner import DecodeKernel, ModelRunner, grows_on_demand
 from atom_jax.output_processor import SequenceOutput
 from atom_jax.outputs import CompletionOutput, RequestOutput, StepDelta
 from atom_jax.sampling_params import SamplingParams
 from atom_jax.scheduler import Scheduler
 from atom_jax.sequence import Sequence
 from atom_jax.tokenizer import check_token_ids, load_tokenizer
+from kernels_pallas import decode_layers_mgpu
 from models import get_model_module
 
 try:  # private, with no public equivalent
@@ -64,6 +65,33 @@ def allocatable_bytes(stats: dict) -> int | None:
     return max(limit - stats["pool_bytes"], stats.get("largest_free_block_bytes", 0))
 
 
+def decode_kernel_unsupported(module, cfg, dtype, block_size: int) -> str | None:
+    """Why the persistent decode kernel cannot serve this model here (None when it can)."""
+    device = jax.devices()[0]
+    if device.platform != "gpu" or not str(getattr(device, "compute_capability", "")).startswith("9."):
+        return "it needs an NVIDIA Hopper GPU (compute capability 9.x)"
+    if not hasattr(module, "forward_decode_kernel"):
+        return "it is not written for this model family"
+    return decode_layers_mgpu.unsupported_reason(cfg, dtype, block_size, device.core_count)
+
+
+def setup_decode_kernel(mode: str, module, cfg, params, dtype, block_size: int):
+    """-> (params, cfg, DecodeKernel or None). mode auto | on | off (EngineConfig.decode_kernel);
+    where the kernel is used, params and cfg move to its q/k order and its weights are made."""
+    if mode == "off":
+        return params, cfg, None
+    reason = decode_kernel_unsupported(module, cfg, dtype, block_size)
+    if reason is not None:
+        if mode == "on":
+            raise ValueError(f"decode_kernel: {reason}")
+        return params, cfg, None
+    params, cfg = module.to_qk_halves(params, cfg)
+    num_sms = jax.devices()[0].core_count
+    weights = decode_layers_mgpu.prepare_weights(params["layers"])
+    return params, cfg, DecodeKernel(weights, num_sms,
+                                     decode_layers_mgpu.max_context(cfg, num_sms))
+
+
 class _Request:
     def __init__(self, request_id, prompt, prompt_token_ids, params, seqs, outputs):
         self.request_id, self.prompt = request_id, prompt
@@ -93,7 +121,10 @@ class EngineCore:
         t0 = time.perf_counter()
         model_config, params, kind, path, gguf_fields = load_model(config.model, dtype,
                                                                    config.load_format)
-        jax.block_until_ready(params)
+        params, model_config, decode_kernel = setup_decode_kernel(
+            config.decode_kernel, get_model_module(model_config), model_config, params, dtype,
+            config.block_size)
+        jax.block_until_ready((params, decode_kernel and decode_kernel.weights))
         self.startup_times["load_s"] = time.perf_counter() - t0
         self.model_config = model_config
         self.tokenizer = load_tokenizer(kind, path, gguf_fields)
@@ -125,7 +156,7 @@ class EngineCore:
             max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
             attn_impl=config.attn_impl, eos_token_ids=self.eos_token_ids,
             num_scheduler_steps=steps, multi_step_max_seqs=config.multi_step_max_seqs,
-            multi_step_auto=config.num_scheduler_steps is None)
+            multi_step_auto=config.num_scheduler_steps is None, decode_kernel=decode_kernel)
         jax.block_until_ready(self.runner.kv_cache)
         self.startup_times["kv_cache_s"] = time.perf_counter() - t0
         if config.compile_at_startup:

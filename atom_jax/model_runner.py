@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import itertools
 import math
@@ -114,15 +115,39 @@ def unpack_arrays(flat, layout) -> dict:
     return out
 
 
-def _forward_step(module, cfg, attn_impl, layout, params, kv_cache, packed, last_tokens):
+def _step_batch(packed, layout, last_tokens) -> dict:
     batch = unpack_arrays(packed, layout)
     # A token sampled by the step still in flight is read from that step's output on device.
     src = batch.pop("prev_index")
     batch["input_ids"] = jnp.where(src >= 0, last_tokens[jnp.maximum(src, 0)], batch["input_ids"])
-    return module.forward(params, kv_cache, batch, cfg, attn_impl)
+    return batch
+
+
+def _forward_step(module, cfg, attn_impl, layout, params, kv_cache, packed, last_tokens):
+    return module.forward(params, kv_cache, _step_batch(packed, layout, last_tokens), cfg,
+                          attn_impl)
 
 
 _forward_jit = jax.jit(_forward_step, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
+
+
+@dataclasses.dataclass
+class DecodeKernel:
+    """Batch-1 decode steps with every layer in one persistent kernel (the model module's
+    forward_decode_kernel): its weights, the GPU's multiprocessor count, and the longest
+    context (tokens) it attends over; longer ones take the usual step."""
+    weights: dict
+    num_sms: int
+    max_context: int
+
+
+def _decode_kernel_step(module, cfg, num_sms, layout, params, weights, kv_cache, packed,
+                        last_tokens):
+    return module.forward_decode_kernel(params, weights, kv_cache,
+                                        _step_batch(packed, layout, last_tokens), cfg, num_sms)
+
+
+_decode_kernel_jit = jax.jit(_decode_kernel_step, static_argnums=(0, 1, 2, 3), donate_argnums=(6,))
 
 
 def _sample_step(logits, packed, layout, history, with_logprobs, mode, num_rows):
@@ -207,7 +232,8 @@ class ModelRunner:
     def __init__(self, module, model_config, params, *, dtype, num_blocks: int, block_size: int,
                  max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
                  attn_impl: str = "auto", eos_token_ids=(), num_scheduler_steps: int = 1,
-                 multi_step_max_seqs: int = 0, multi_step_auto: bool = False):
+                 multi_step_max_seqs: int = 0, multi_step_auto: bool = False,
+                 decode_kernel: DecodeKernel | None = None):
         self.module, self.model_config, self.params = module, model_config, params
         self.block_size, self.num_blocks = block_size, num_blocks
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
@@ -224,6 +250,8 @@ class ModelRunner:
             b for b in self.buckets if b <= min(multi_step_max_seqs, max_num_seqs)]
         self.multi_step_auto = multi_step_auto
         self.multi_step_timing = None  # what the automatic choice measured
+        self.decode_kernel = decode_kernel
+        self.decode_kernel_steps = 0  # steps it ran
         shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
         self.kv_cache = allocate_kv_cache(model_config.num_layers, shape, dtype)
         # The last launched step's sampled tokens (padded to max_num_seqs rows) and the row
@@ -308,17 +336,33 @@ class ModelRunner:
 
     # ------------------------------------------------------------ execution
 
-    def run(self, inputs, sp, history, with_logprobs: bool = False, mode: str = "filter"):
-        """Queue the model and the sampler; returns device arrays (tokens padded to
-        max_num_seqs rows first)."""
+    def run(self, inputs, sp, history, with_logprobs: bool = False, mode: str = "filter",
+            kernel: bool = False):
+        """Queue the model (with kernel, the decode kernel's step) and the sampler; returns
+        device arrays (tokens padded to max_num_seqs rows first)."""
         packed, layout = pack_host_arrays(inputs)
-        self.kv_cache, logits = _forward_jit(self.module, self.model_config, self.attn_impl, layout,
-                                             self.params, self.kv_cache, packed, self.last_tokens)
+        if kernel:
+            self.kv_cache, logits = _decode_kernel_jit(*self._decode_kernel_args(packed, layout))
+        else:
+            self.kv_cache, logits = _forward_jit(self.module, self.model_config, self.attn_impl,
+                                                 layout, self.params, self.kv_cache, packed,
+                                                 self.last_tokens)
         packed, layout = pack_host_arrays(sp)
         out = _sample_jit(logits, packed, layout, history, with_logprobs=with_logprobs, mode=mode,
                           num_rows=self.max_num_seqs)
         self.last_tokens = out[0]
         return out
+
+    def _decode_kernel_args(self, packed, layout) -> tuple:
+        dk = self.decode_kernel
+        return (self.module, self.model_config, dk.num_sms, layout, self.params, dk.weights,
+                self.kv_cache, packed, self.last_tokens)
+
+    def uses_decode_kernel(self, batch: ScheduledBatch) -> bool:
+        """A single sequence decoding one token, within the kernel's context."""
+        return (self.decode_kernel is not None and batch.num_steps == 1 and len(batch) == 1
+                and batch.num_new_tokens[0] == 1
+                and batch.seqs[0].num_computed_tokens < self.decode_kernel.max_context)
 
     def _decode_steps_args(self, inputs, sp, num_steps: int, mode: str) -> tuple:
         """The arguments of _decode_steps for a batch's host arrays."""
@@ -344,7 +388,9 @@ class ModelRunner:
             if batch.num_steps > 1:
                 out = self.run_steps(inputs, sp, batch.num_steps, mode)
             else:
-                out = self.run(inputs, sp, history, with_logprobs, mode)
+                kernel = self.uses_decode_kernel(batch)
+                self.decode_kernel_steps += kernel
+                out = self.run(inputs, sp, history, with_logprobs, mode, kernel)
         self.last_rows = {seq.seq_id: i for i, seq in enumerate(batch.seqs)}
         return LaunchedStep(batch, out, with_logprobs)
 
@@ -360,6 +406,10 @@ class ModelRunner:
             jobs.append(functools.partial(
                 _forward_jit.lower, self.module, self.model_config, self.attn_impl, layout,
                 self.params, self.kv_cache, packed, self.last_tokens))
+        if self.decode_kernel:   # the smallest bucket, which a one-token step takes
+            packed, layout = pack_host_arrays(self._padded_inputs(self.buckets[0]))
+            jobs.append(functools.partial(_decode_kernel_jit.lower,
+                                          *self._decode_kernel_args(packed, layout)))
         for s_pad in sorted({min(t, self.max_num_seqs) for t in self.buckets}):
             # the sampler compiles from the logits' shape alone
             logits = jax.ShapeDtypeStruct((s_pad, self.model_config.vocab_size), jnp.float32)
@@ -377,6 +427,11 @@ class ModelRunner:
             inputs, sp = self._padding_batch(t)
             with self.guard:
                 self.run(inputs, sp, None, mode="greedy")[0].block_until_ready()
+        if self.decode_kernel:
+            # (an all-padding step: it writes K/V rows into block 0, which holds nothing yet)
+            inputs, sp = self._padding_batch(self.buckets[0])
+            with self.guard:
+                self.run(inputs, sp, None, mode="greedy", kernel=True)[0].block_until_ready()
 
         if self.multi_step_buckets and self.multi_step_auto:
             host, device = self.time_smallest_step()

@@ -27,6 +27,9 @@ class ModelConfig:
     sliding_window: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    # Set by to_qk_halves (models/llama.py), not read from config.json: q/k head dimensions
+    # reordered so that each half of a head holds whole RoPE pairs (the decode kernel's order)
+    qk_halves: bool = False
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":

@@ -8,13 +8,14 @@ lax.scan over stacked layers.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas import write_kv_and_attend
+from kernels_pallas import decode_layers_mgpu, write_kv_and_attend
 from models.config import ModelConfig
 
 
@@ -109,6 +110,27 @@ def fuse_projections(params: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+def halves_order(head_dim: int) -> np.ndarray:
+    """The "halves" order of a head's dimensions: 0..d/4, d/2..3d/4, d/4..d/2, 3d/4..d, so
+    that each half of the head holds whole RoPE pairs (i, i + d/2). Its own inverse."""
+    q = head_dim // 4
+    return np.concatenate([np.arange(q), np.arange(2 * q, 3 * q), np.arange(q, 2 * q),
+                           np.arange(3 * q, 4 * q)])
+
+
+def to_qk_halves(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+    """The fused layout with q and k head dimensions in the halves order (which the decode
+    kernel needs to rotate them where their sums are flushed). Scores do not change: q and k
+    are reordered alike, and the cache holds k in that order."""
+    if cfg.attention_bias or cfg.qk_norm:
+        raise ValueError("the halves order is not implemented for q/k biases or q/k norms")
+    hd, heads = cfg.head_dim, cfg.num_heads + cfg.num_kv_heads
+    cols = np.concatenate([(np.arange(heads)[:, None] * hd + halves_order(hd)).reshape(-1),
+                           np.arange(heads * hd, (heads + cfg.num_kv_heads) * hd)])
+    layers = [dict(layer, wqkv=layer["wqkv"][:, cols]) for layer in params["layers"]]
+    return dict(params, layers=layers), dataclasses.replace(cfg, qk_halves=True)
+
+
 # ---------------------------------------------------------------- building blocks
 
 def rms_norm(x, weight, eps):
@@ -140,9 +162,18 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
 
 
-def apply_rope(x, cos, sin):
-    """x [T, H, D]; cos/sin [T, D/2]. Rotate-half layout, as Hugging Face Llama."""
-    half = x.shape[-1] // 2
+def apply_rope(x, cos, sin, halves: bool = False):
+    """x [T, H, D]; cos/sin [T, D/2]. Rotate-half layout, as Hugging Face Llama; with
+    halves, x's head dimensions are in the halves order (each half rotated on its own, with
+    its own half of the frequencies)."""
+    t, h, d = x.shape
+    if halves:
+        parts = x.reshape(t, h, 2, 2, d // 4).astype(jnp.float32)   # [half, pair member, i]
+        x1, x2 = parts[..., 0, :], parts[..., 1, :]
+        c, s = cos.reshape(t, 1, 2, d // 4), sin.reshape(t, 1, 2, d // 4)
+        out = jnp.stack([x1 * c - x2 * s, x2 * c + x1 * s], axis=-2)
+        return out.reshape(t, h, d).astype(x.dtype)
+    half = d // 2
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     c, s = cos[:, None, :], sin[:, None, :]
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
@@ -170,7 +201,7 @@ def decoder_layer(layer, k_cache, v_cache, x, batch, cos, sin, cfg: ModelConfig,
         qkv = jnp.where(head < nq, rms_norm(qkv, layer["q_norm"], cfg.rms_norm_eps),
                         jnp.where(head < nq + nkv,
                                   rms_norm(qkv, layer["k_norm"], cfg.rms_norm_eps), qkv))
-    qkv = jnp.where(head < nq + nkv, apply_rope(qkv, cos, sin), qkv)
+    qkv = jnp.where(head < nq + nkv, apply_rope(qkv, cos, sin, cfg.qk_halves), qkv)
 
     o, k_cache, v_cache = write_kv_and_attend(
         qkv, k_cache, v_cache, batch["slot_mapping"], batch["seq_lens"],
@@ -211,3 +242,20 @@ def forward(params, kv_cache, batch, cfg: ModelConfig, attn_impl: str = "auto"):
     x = rms_norm(x[batch["logits_indices"]], params["final_norm"], cfg.rms_norm_eps)
     lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     return new_cache, jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
+
+
+def forward_decode_kernel(params, kernel_weights, kv_cache, batch, cfg: ModelConfig,
+                          num_sms: int):
+    """A batch-1 decode step (sequence 0, one token) with every layer in the persistent decode
+    kernel (kernels_pallas/decode_layers_mgpu.py; params in the halves layout, kernel_weights
+    from its prepare_weights). Same contract as forward; logits rows past the first are those
+    of zero hidden states."""
+    x, kv_cache = decode_layers_mgpu.decode_layers(
+        params["embed"][batch["input_ids"][0]], kernel_weights, kv_cache,
+        batch["block_tables"][0], batch["positions"][0], rope_inv_freq(cfg),
+        eps=cfg.rms_norm_eps, num_sms=num_sms)
+    rows = batch["logits_indices"].shape[0]
+    x = jnp.zeros((rows, x.shape[1]), x.dtype).at[0].set(x[0])
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return kv_cache, jnp.dot(x, lm_head, preferred_element_type=jnp.float32)

@@ -145,6 +145,7 @@ def startup(args) -> dict:
            "--max-num-seqs", str(args.max_num_seqs)]
     if args.num_scheduler_steps is not None:
         cmd += ["--num-scheduler-steps", str(args.num_scheduler_steps)]
+    cmd += ["--decode-kernel", args.decode_kernel]
     out = {}
     for label in ("cold", "warm"):
         t = time.time()
@@ -176,6 +177,8 @@ def main():
     p.add_argument("--compile-threads", type=int, default=None)
     p.add_argument("--num-scheduler-steps", type=int, default=None,
                    help="decode steps per launch for small batches (default: the engine's)")
+    p.add_argument("--decode-kernel", default="auto", choices=["auto", "on", "off"],
+                   help="batch-1 decode in the persistent decode kernel (EngineConfig.decode_kernel)")
     p.add_argument("--only-startup", action="store_true", help="time only the cold and warm start-up")
     p.add_argument("--hf-peer", action="store_true",
                    help="also time transformers generate on the same shapes (GPU, torch)")
@@ -257,6 +260,9 @@ def main():
         "prefill": {"tokens": args.prefill_len, "ttft_s": ttft, "effective_tflops": tflops},
         "buckets": eng.runner.buckets, "startup_phases_s": eng.startup_times,
         "multi_step": multi_step_info(eng),
+        "decode_kernel": {"mode": args.decode_kernel,
+                          "steps": eng.runner.decode_kernel_steps,
+                          "max_context": eng.runner.decode_kernel and eng.runner.decode_kernel.max_context},
         "decode_profile": profile, "hf_peer": peer,
         "notes": [PEER_NOTE] if peer else [],
     }

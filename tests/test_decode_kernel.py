@@ -1,0 +1,164 @@
+"""The persistent decode kernel (kernels_pallas/decode_layers_mgpu.py): its layout and weight
+preparation on CPU, its results against the usual step on the GPU (marked `gpu`)."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from atom_jax.model_runner import allocate_kv_cache
+from kernels_pallas import decode_layers_mgpu
+from models import llama
+from models.config import ModelConfig
+
+# Llama-shaped and small, within the kernel's limits (head_dim 128, 4 query heads per KV head)
+KERNEL_SHAPE = dict(architectures=["LlamaForCausalLM"], vocab_size=512, hidden_size=1024,
+                    intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
+                    num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                    rope_theta=500000.0, tie_word_embeddings=False)
+
+
+def random_params(cfg: ModelConfig, dtype, seed=0):
+    shapes = llama.param_shapes(cfg)
+    leaves, tree = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    # fan-in scaled, norms around 1, so that logits are far from uniform
+    out = [(1 + 0.1 * jax.random.normal(k, s)) if len(s) == 1 else
+           jax.random.normal(k, s) * s[0] ** -0.5 for k, s in zip(keys, leaves)]
+    params = jax.tree.unflatten(tree, [a.astype(dtype) for a in out])
+    return llama.fuse_projections(params, cfg)
+
+
+def step_batch(tokens, start, block_size, num_pages):
+    """One sequence's step over tokens at positions start.. (pages 0.. in order)."""
+    n = len(tokens)
+    pos = np.arange(start, start + n, dtype=np.int32)
+    return dict(input_ids=jnp.asarray(tokens, jnp.int32), positions=jnp.asarray(pos),
+                slot_mapping=jnp.asarray(pos), query_start_loc=jnp.asarray([0, n], jnp.int32),
+                seq_lens=jnp.asarray([start + n], jnp.int32),
+                block_tables=jnp.arange(num_pages, dtype=jnp.int32)[None],
+                logits_indices=jnp.asarray([n - 1], jnp.int32))
+
+
+def test_halves_order_leaves_the_logits_unchanged():
+    cfg = ModelConfig.from_hf(dict(KERNEL_SHAPE, hidden_size=256, intermediate_size=512,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=1))
+    params = random_params(cfg, jnp.float32)
+    halves, hcfg = llama.to_qk_halves(params, cfg)
+    assert hcfg.qk_halves and not cfg.qk_halves
+    order = llama.halves_order(cfg.head_dim)
+    assert sorted(order) == list(range(cfg.head_dim))
+    assert (order[order] == np.arange(cfg.head_dim)).all()
+    outs = []
+    for p, c in ((params, cfg), (halves, hcfg)):
+        cache = allocate_kv_cache(c.num_layers, (4, 16, c.num_kv_heads, c.head_dim), jnp.float32)
+        cache, _ = llama.forward(p, cache, step_batch(list(range(1, 21)), 0, 16, 4), c, "xla")
+        cache, logits = llama.forward(p, cache, step_batch([7], 20, 16, 4), c, "xla")
+        outs.append((cache, logits))
+    np.testing.assert_allclose(outs[1][1], outs[0][1], rtol=1e-4, atol=1e-4)
+    # the cache holds k in the halves order, v as it was
+    k0, v0 = outs[0][0][0]
+    k1, v1 = outs[1][0][0]
+    np.testing.assert_allclose(k1[..., order], k0, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(v1, v0, rtol=1e-4, atol=1e-5)
+
+
+def test_prepare_weights_folds_the_norms_and_tiles():
+    cfg = ModelConfig.from_hf(dict(KERNEL_SHAPE, hidden_size=256, intermediate_size=512,
+                                   num_hidden_layers=2))
+    params = random_params(cfg, jnp.float32)
+    w = decode_layers_mgpu.prepare_weights(params["layers"])
+    untile = lambda t: np.moveaxis(np.asarray(t), 0, 1).reshape(t.shape[1], -1)
+    for i, layer in enumerate(params["layers"]):
+        np.testing.assert_allclose(untile(w["wqkv"][i]),
+                                   layer["wqkv"] * layer["attn_norm"][:, None], rtol=1e-6)
+        np.testing.assert_allclose(untile(w["wgu"][i]),
+                                   layer["w_gate_up"] * layer["mlp_norm"][:, None], rtol=1e-6)
+        np.testing.assert_array_equal(untile(w["wo"][i]), layer["wo"])
+        np.testing.assert_array_equal(untile(w["wd"][i]), layer["w_down"])
+
+
+def test_kernel_limits_are_named():
+    big = ModelConfig.from_hf(dict(KERNEL_SHAPE, hidden_size=4096, intermediate_size=14336,
+                                   num_hidden_layers=32, num_attention_heads=32,
+                                   num_key_value_heads=8))
+    assert decode_layers_mgpu.unsupported_reason(big, jnp.bfloat16, 16, 132) is None
+    assert decode_layers_mgpu.max_context(big, 132) == 1024
+    assert "bfloat16" in decode_layers_mgpu.unsupported_reason(big, jnp.float32, 16, 132)
+    mha = ModelConfig.from_hf(dict(KERNEL_SHAPE, num_key_value_heads=8))
+    assert "query heads per KV head" in decode_layers_mgpu.unsupported_reason(
+        mha, jnp.bfloat16, 16, 132)
+
+
+def test_decode_kernel_on_needs_a_hopper_gpu(tmp_path):
+    from atom_jax.engine import EngineCore
+    if jax.default_backend() == "gpu":
+        pytest.skip("this checks the refusal off Hopper GPUs")
+    (tmp_path / "config.json").write_text(json.dumps(KERNEL_SHAPE))
+    with pytest.raises(ValueError, match="decode_kernel: it needs an NVIDIA Hopper GPU"):
+        EngineCore(model=str(tmp_path), load_format="dummy", decode_kernel="on",
+                   compile_at_startup=False, num_kv_blocks=8, max_model_len=64)
+    with pytest.raises(ValueError, match="decode_kernel must be auto, on or off"):
+        EngineCore(model=str(tmp_path), load_format="dummy", decode_kernel="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size,context", [(16, 100), (16, 1023), (128, 300)])
+def test_decode_kernel_matches_the_usual_step(block_size, context):
+    cfg = ModelConfig.from_hf(KERNEL_SHAPE)
+    params, cfg = llama.to_qk_halves(random_params(cfg, jnp.bfloat16), cfg)
+    weights = decode_layers_mgpu.prepare_weights(params["layers"])
+    num_sms = jax.devices()[0].core_count
+    pages = -(-(context + 1) // block_size)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(1, cfg.vocab_size, context).tolist()
+    cache = allocate_kv_cache(cfg.num_layers, (pages + 2, block_size, 2, 128), jnp.bfloat16)
+    # the pages of the sequence, in a shuffled order, as the block manager hands them out
+    table = rng.permutation(pages + 2)[:pages].astype(np.int32)
+
+    def batch(tokens, start):
+        b = step_batch(tokens, start, block_size, pages)
+        pos = np.asarray(b["positions"])
+        b["block_tables"] = jnp.asarray(table)[None]
+        b["slot_mapping"] = jnp.asarray(table[pos // block_size] * block_size + pos % block_size)
+        return b
+
+    cache, _ = jax.jit(llama.forward, static_argnums=(3,))(params, cache, batch(prompt, 0), cfg)
+    step = batch([5], context)
+    ref_cache, ref = jax.jit(llama.forward, static_argnums=(3,))(
+        params, [(k.copy(), v.copy()) for k, v in cache], step, cfg)
+    got_cache, got = jax.jit(llama.forward_decode_kernel, static_argnums=(4, 5))(
+        params, weights, cache, step, cfg, num_sms)
+    ref, got = np.asarray(ref[0], np.float32), np.asarray(got[0], np.float32)
+    assert np.max(np.abs(got - ref)) < 0.05 * np.max(np.abs(ref))
+    assert np.argmax(got) == np.argmax(ref)
+    slot = table[context // block_size], context % block_size
+    for (k, v), (rk, rv) in zip(got_cache, ref_cache):
+        for a, r in ((k, rk), (v, rv)):
+            a, r = np.asarray(a[slot], np.float32), np.asarray(r[slot], np.float32)
+            assert np.max(np.abs(a - r)) < 0.03 * np.max(np.abs(r))
+        # nothing else in the cache moved
+        mask = np.ones(k.shape[:2], bool)
+        mask[slot] = False
+        np.testing.assert_array_equal(np.asarray(k)[mask], np.asarray(rk)[mask])
+
+
+@pytest.mark.gpu
+def test_engine_runs_batch1_decode_in_the_kernel(tmp_path):
+    from atom_jax import LLM, SamplingParams
+    (tmp_path / "config.json").write_text(json.dumps(KERNEL_SHAPE))
+    outs = {}
+    for mode in ("on", "off"):
+        llm = LLM(model=str(tmp_path), load_format="dummy", decode_kernel=mode, max_model_len=2048,
+                  max_num_seqs=4, max_num_batched_tokens=256, num_scheduler_steps=1)
+        prompt = list(range(3, 103))
+        outs[mode] = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0,
+                                                           ignore_eos=True))
+        steps = llm.engine.runner.decode_kernel_steps
+        assert steps == (11 if mode == "on" else 0)
+    on, off = (outs[m][0].outputs[0] for m in ("on", "off"))
+    assert len(on.token_ids) == 12
+    # the first token comes from the prefill, the same program in both
+    assert on.token_ids[0] == off.token_ids[0]
