@@ -133,7 +133,8 @@ def _call(x0, weights, cache_refs, block_table, pos, rope_cs, *, eps, num_sms, s
     NQKV, F = wqkv.shape[1] * COLS, wgu.shape[1] * COLS // 2
     KVH = NQKV // HD // (GROUP + 2)
     QH = GROUP * KVH
-    QKV_ROWS = NQKV // HD + 64   # qkv stored as heads; 64 spare rows (zero) so 64-row tiles fit
+    # qkv stored as heads, with spare rows (zero) so that 64-row tiles fit; a multiple of 8
+    QKV_ROWS = -(-(NQKV // HD + 64) // 8) * 8
     num_blocks, bs = cache_refs[0].shape[:2]
     B, S = num_sms, slots
     NS = min(16, (B - 1) // KVH)   # context splits per KV head (max_splits)
