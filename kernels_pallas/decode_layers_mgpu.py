@@ -118,13 +118,17 @@ def decode_layers(x_row, weights, kv_cache, block_table, pos, inv_freq, *, eps: 
     new_ref = getattr(jax, "new_ref", None) or jax.ref.new_ref
     refs = [new_ref(a) for kv in kv_cache for a in kv]
     x0 = jnp.zeros((R, x_row.shape[0]), jnp.bfloat16).at[0].set(x_row.astype(jnp.bfloat16))
-    x = _call(x0, weights, refs, block_table.astype(jnp.int32), jnp.reshape(pos, (1,)).astype(
-        jnp.int32), rope_rows(inv_freq, pos), eps=eps, num_sms=num_sms, slots=slots)
+    # pos and the pages in one new array: a kernel's inputs must be 256-byte aligned, which
+    # slices of a larger buffer (as the runner's packed step arrays) need not be
+    table = jnp.concatenate([jnp.reshape(pos, (1,)), block_table]).astype(jnp.int32)
+    x = _call(x0, weights, refs, table, rope_rows(inv_freq, pos), eps=eps, num_sms=num_sms,
+              slots=slots)
     vals = [r[...] for r in refs]
     return x, [(vals[2 * i], vals[2 * i + 1]) for i in range(len(kv_cache))]
 
 
-def _call(x0, weights, cache_refs, block_table, pos, rope_cs, *, eps, num_sms, slots):
+def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
+    """table: [1 + P] int32, pos then the sequence's pages."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -173,8 +177,8 @@ def _call(x0, weights, cache_refs, block_table, pos, rope_cs, *, eps, num_sms, s
     def body(*refs):
         x0_g, x0r_g, wqkv_g, wo_g, wgu_g, wd_g = refs[:6]
         caches = refs[6:6 + 2 * L]
-        bt_g, pos_g, cs_g = refs[6 + 2 * L:9 + 2 * L]
-        x_g, xr_g, qkv_g, gu_g, h_g, a_g, part_g, inv_g = refs[9 + 2 * L:]
+        tab_g, cs_g = refs[6 + 2 * L:8 + 2 * L]
+        x_g, xr_g, qkv_g, gu_g, h_g, a_g, part_g, inv_g = refs[8 + 2 * L:]
         b = lax.axis_index("b")
         wg = lax.axis_index("wg")
         sems = pl.get_global(plgpu.SemaphoreType.REGULAR((n_bar + 2,)))
@@ -183,8 +187,9 @@ def _call(x0, weights, cache_refs, block_table, pos, rope_cs, *, eps, num_sms, s
         per_layer = n[0] + n[1] + n[2] + n[3]
         off = [0, n[0], n[0] + n[1], n[0] + n[1] + n[2]]
         w_src = [wqkv_g, wo_g, wgu_g, wd_g]
-        pos = pos_g[0]
-        new_page, new_row = bt_g[lax.div(pos, bs)], lax.rem(pos, bs)   # the new token's slot
+        pos = tab_g[0]
+        page_of = lambda i: tab_g[1 + i]
+        new_page, new_row = page_of(lax.div(pos, bs)), lax.rem(pos, bs)   # the new token's slot
 
         def per_layer_cache(l, fn):
             """fn(k_ref, v_ref) for layer l's cache (a dynamic l picks one of L refs)."""
@@ -341,11 +346,11 @@ def _call(x0, weights, cache_refs, block_table, pos, rope_cs, *, eps, num_sms, s
             # An item's cache pages are the same in every layer: looked up once.
             item = b - 1
             item_g, item_s = lax.div(item, NS), lax.rem(item, NS)
-            n_pages = bt_g.shape[0]
+            n_pages = tab_g.shape[0] - 1
             item_copies = []
             for j in range(PPI):
                 t0 = item_s * TC + j * ROWS
-                page = bt_g[jnp.clip(lax.div(t0, bs), 0, n_pages - 1)]
+                page = page_of(jnp.clip(lax.div(t0, bs), 0, n_pages - 1))
                 item_copies.append((page, lax.rem(t0, bs)))
 
             def attention_item(l):
@@ -711,5 +716,5 @@ def _call(x0, weights, cache_refs, block_table, pos, rope_cs, *, eps, num_sms, s
     x0r = jnp.zeros((64, 64), bf16).at[:D // 64].set(x0[0].reshape(D // 64, 64))
     mesh = plgpu.Mesh(grid=(B,), grid_names=("b",), num_threads=4, thread_name="wg")
     out = pl.kernel(body, out_type=out_type, mesh=mesh, name="decode_layers")(
-        x0, x0r, wqkv, wo, wgu, wd, *cache_refs, block_table, pos, rope_cs)
+        x0, x0r, wqkv, wo, wgu, wd, *cache_refs, table, rope_cs)
     return out[0]

@@ -132,13 +132,18 @@ def test_decode_kernel_matches_the_usual_step(block_size, context):
     got_cache, got = jax.jit(llama.forward_decode_kernel, static_argnums=(4, 5))(
         params, weights, cache, step, cfg, num_sms)
     ref, got = np.asarray(ref[0], np.float32), np.asarray(got[0], np.float32)
-    assert np.max(np.abs(got - ref)) < 0.05 * np.max(np.abs(ref))
-    assert np.argmax(got) == np.argmax(ref)
+    scale = np.max(np.abs(ref))
+    err = np.max(np.abs(got - ref))
+    assert err < 0.05 * scale, (err, scale)
+    # the reference's top token is the kernel's, or as good within rounding (the kernel's
+    # bf16 partial sums are added in a different order from call to call)
+    top = np.argmax(ref)
+    assert got[top] >= got.max() - 0.02 * scale, (top, np.argmax(got), got[top], got.max())
     slot = table[context // block_size], context % block_size
     for (k, v), (rk, rv) in zip(got_cache, ref_cache):
         for a, r in ((k, rk), (v, rv)):
             a, r = np.asarray(a[slot], np.float32), np.asarray(r[slot], np.float32)
-            assert np.max(np.abs(a - r)) < 0.03 * np.max(np.abs(r))
+            assert np.max(np.abs(a - r)) < 0.03 * np.max(np.abs(r)), np.max(np.abs(a - r))
         # nothing else in the cache moved
         mask = np.ones(k.shape[:2], bool)
         mask[slot] = False
