@@ -177,7 +177,7 @@ def main():
     p.add_argument("--compile-threads", type=int, default=None)
     p.add_argument("--num-scheduler-steps", type=int, default=None,
                    help="decode steps per launch for small batches (default: the engine's)")
-    p.add_argument("--decode-kernel", default="auto", choices=["auto", "on", "off"],
+    p.add_argument("--decode-kernel", default="off", choices=["auto", "on", "off"],
                    help="batch-1 decode in the persistent decode kernel (EngineConfig.decode_kernel)")
     p.add_argument("--only-startup", action="store_true", help="time only the cold and warm start-up")
     p.add_argument("--hf-peer", action="store_true",
