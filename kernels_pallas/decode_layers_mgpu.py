@@ -212,46 +212,41 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
             (w_full, a_full, w_free, a_free, xbar, gbar, ubar, kv_bars, q_bar, c_bars, nbar,
              fx_bar) = bars
 
+            def stream(l, p, tile, bufs, full, free):
+                # GEMM p's tiles of this block, in order, through the S slots of bufs
+                base = l * per_layer + off[p]
+
+                @pl.loop(0, n[p])
+                def _(i):
+                    j = base + i
+                    slot = lax.rem(j, S)
+
+                    @pl.when(j >= S)
+                    def _():
+                        plgpu.barrier_wait(free.at[slot])
+
+                    plgpu.copy_gmem_to_smem(tile(i), bufs.at[slot], full.at[slot])
+
             def _weights():
                 @pl.loop(0, L)
                 def _(l):
                     for p in range(4):
-                        base = l * per_layer + off[p]
-
-                        @pl.loop(0, n[p])
-                        def _(i):
-                            j = base + i
-                            slot = lax.rem(j, S)
-
-                            @pl.when(j >= S)
-                            def _():
-                                plgpu.barrier_wait(w_free.at[slot])
-
-                            plgpu.copy_gmem_to_smem(w_tile(p, l, i), w_smem.at[slot],
-                                                    w_full.at[slot])
+                        stream(l, p, functools.partial(w_tile, p, l), w_smem, w_full, w_free)
 
             def _activations():
                 @pl.loop(0, L)
                 def _(l):
                     for p in range(4):
-                        base = l * per_layer + off[p]
                         dep = [jnp.where(l == 0, 0, sem(l - 1, DN)), sem(l, CMB), sem(l, O_),
                                sem(l, H_)][p]
                         wait_all(dep)
+                        src = [x_g, a_g.at[l], x_g, h_g.at[l]][p]
 
-                        @pl.loop(0, n[p])
-                        def _(i):
-                            j = base + i
-                            slot = lax.rem(j, S)
-
-                            @pl.when(j >= S)
-                            def _():
-                                plgpu.barrier_wait(a_free.at[slot])
-
+                        def a_tile(i, p=p, src=src):
                             k = lax.rem(start[p] + i, ks[p])
-                            src = [x_g, a_g.at[l], x_g, h_g.at[l]][p]
-                            plgpu.copy_gmem_to_smem(src.at[:, pl.ds(k * HD, HD)],
-                                                    a_smem.at[slot], a_full.at[slot])
+                            return src.at[:, pl.ds(k * HD, HD)]
+
+                        stream(l, p, a_tile, a_smem, a_full, a_free)
 
                 arrive(DONE)
 
