@@ -68,7 +68,11 @@ def unsupported_reason(cfg, dtype, block_size: int, num_sms: int) -> str | None:
 
 def max_splits(cfg, num_sms: int) -> int:
     """Context splits per KV head: one item per block, block 0 excepted."""
-    return min(16, (num_sms - 1) // cfg.num_kv_heads)
+    return _splits(cfg.num_kv_heads, num_sms)
+
+
+def _splits(num_kv_heads: int, num_sms: int) -> int:
+    return min(16, (num_sms - 1) // num_kv_heads)
 
 
 def max_context(cfg, num_sms: int) -> int:
@@ -141,7 +145,7 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
     QKV_ROWS = -(-(NQKV // HD + 64) // 8) * 8
     num_blocks, bs = cache_refs[0].shape[:2]
     B, S = num_sms, slots
-    NS = min(16, (B - 1) // KVH)   # context splits per KV head (max_splits)
+    NS = _splits(KVH, B)           # context splits per KV head
     NI = KVH * NS                  # attention items, on blocks 1 .. NI
     ROWS = min(bs, TC)             # cache rows per TMA copy of an item
     PPI = TC // ROWS               # copies per item (pages, or one page's part)
