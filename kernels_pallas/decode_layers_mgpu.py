@@ -115,12 +115,16 @@ def decode_layers(x_row, weights, kv_cache, block_table, pos, inv_freq, *, eps: 
     """Runs every layer for one decode token.
 
     x_row [D] bf16 (the token's embedding); weights from prepare_weights; kv_cache a list of
-    (k, v) per layer, [num_blocks, block_size, KVH, HD], updated in place (the new row at pos);
-    block_table [P] int32, the sequence's pages; pos int32 scalar, the token's position (its
-    context is pos + 1 tokens, at most max_context). Returns (x [8, D] with row 0 the token's
-    hidden state, rows 1-7 zero; kv_cache)."""
+    (k, v) per layer, [num_blocks, block_size, KVH, HD], or one (k, v) pair stacked over the
+    layers, [L, num_blocks, ...] (the engine's cache is the former; the latter needs no choice
+    among L arrays in the kernel), updated in place (the new row at pos); block_table [P]
+    int32, the sequence's pages; pos int32 scalar, the token's position (its context is
+    pos + 1 tokens, at most max_context). Returns (x [8, D] with row 0 the token's hidden
+    state, rows 1-7 zero; kv_cache)."""
     new_ref = getattr(jax, "new_ref", None) or jax.ref.new_ref
-    refs = [new_ref(a) for kv in kv_cache for a in kv]
+    stacked = not isinstance(kv_cache[0], (tuple, list))
+    refs = [new_ref(a) for a in kv_cache] if stacked else [
+        new_ref(a) for kv in kv_cache for a in kv]
     x0 = jnp.zeros((R, x_row.shape[0]), jnp.bfloat16).at[0].set(x_row.astype(jnp.bfloat16))
     # pos and the pages in one new array: a kernel's inputs must be 256-byte aligned, which
     # slices of a larger buffer (as the runner's packed step arrays) need not be
@@ -128,6 +132,8 @@ def decode_layers(x_row, weights, kv_cache, block_table, pos, inv_freq, *, eps: 
     x = _call(x0, weights, refs, table, rope_rows(inv_freq, pos), eps=eps, num_sms=num_sms,
               slots=slots)
     vals = [r[...] for r in refs]
+    if stacked:
+        return x, tuple(vals)
     return x, [(vals[2 * i], vals[2 * i + 1]) for i in range(len(kv_cache))]
 
 
@@ -143,7 +149,8 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
     QH = GROUP * KVH
     # qkv stored as heads, with spare rows (zero) so that 64-row tiles fit; a multiple of 8
     QKV_ROWS = -(-(NQKV // HD + 64) // 8) * 8
-    num_blocks, bs = cache_refs[0].shape[:2]
+    stacked = cache_refs[0].ndim == 5   # one (k, v) pair over all layers
+    bs = cache_refs[0].shape[-3]
     B, S = num_sms, slots
     NS = _splits(KVH, B)           # context splits per KV head
     NI = KVH * NS                  # attention items, on blocks 1 .. NI
@@ -180,9 +187,10 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
 
     def body(*refs):
         x0_g, x0r_g, wqkv_g, wo_g, wgu_g, wd_g = refs[:6]
-        caches = refs[6:6 + 2 * L]
-        tab_g, cs_g = refs[6 + 2 * L:8 + 2 * L]
-        x_g, xr_g, qkv_g, gu_g, h_g, a_g, part_g, inv_g = refs[8 + 2 * L:]
+        nc = len(cache_refs)
+        caches = refs[6:6 + nc]
+        tab_g, cs_g = refs[6 + nc:8 + nc]
+        x_g, xr_g, qkv_g, gu_g, h_g, a_g, part_g, inv_g = refs[8 + nc:]
         b = lax.axis_index("b")
         wg = lax.axis_index("wg")
         sems = pl.get_global(plgpu.SemaphoreType.REGULAR((n_bar + 2,)))
@@ -196,7 +204,11 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
         new_page, new_row = page_of(lax.div(pos, bs)), lax.rem(pos, bs)   # the new token's slot
 
         def per_layer_cache(l, fn):
-            """fn(k_ref, v_ref) for layer l's cache (a dynamic l picks one of L refs)."""
+            """fn(k_ref, v_ref) for layer l's cache (a dynamic l picks one of L refs,
+            unless the cache is stacked over layers)."""
+            if stacked:
+                fn(caches[0].at[l], caches[1].at[l])
+                return
             for i in range(L):
                 pl.when(l == i)(functools.partial(fn, caches[2 * i], caches[2 * i + 1]))
 
@@ -471,8 +483,9 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                     for w in range(2):
                         @pl.when(b == 2 * i + w)
                         def _():
+                            cache = caches[w].at[i] if stacked else caches[2 * i + w]
                             plgpu.copy_smem_to_gmem(zq_smem.at[pl.ds(0, KVH)],
-                                                    caches[2 * i + w].at[new_page, new_row])
+                                                    cache.at[new_page, new_row])
 
                 plgpu.wait_smem_to_gmem(0)
 
