@@ -37,15 +37,18 @@ def grows_on_demand(stats: dict) -> bool:
     return "pool_bytes" in stats and stats["pool_bytes"] < stats.get("bytes_limit", 0)
 
 
-def allocate_kv_cache(num_layers: int, shape: tuple, dtype) -> list:
-    """Zeroed (K, V) arrays of every layer. An allocator growing on demand would take a region
-    per array, each rounded up to a power of two, and run out with the leftovers unusable; so
-    there the whole cache is first taken as one array and given back, and its arrays then come
-    from that one free block."""
+def allocate_kv_cache(num_layers: int, shape: tuple, dtype, stacked: bool = False):
+    """Zeroed (K, V) arrays of every layer: a list of pairs, or with stacked one (K, V) pair
+    over all layers, [num_layers, *shape] (the decode kernel's cache). An allocator growing
+    on demand would take a region per array, each rounded up to a power of two, and run out
+    with the leftovers unusable; so there the whole cache is first taken as one array and
+    given back, and its arrays then come from that one free block."""
     if grows_on_demand(jax.devices()[0].memory_stats() or {}):
         whole = jnp.zeros((2 * num_layers, *shape), dtype)
         whole.block_until_ready()
         whole.delete()
+    if stacked:
+        return tuple(jnp.zeros((num_layers, *shape), dtype) for _ in range(2))
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)]
 
 
@@ -253,7 +256,10 @@ class ModelRunner:
         self.decode_kernel = decode_kernel
         self.decode_kernel_steps = 0  # steps it ran
         shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
-        self.kv_cache = allocate_kv_cache(model_config.num_layers, shape, dtype)
+        if decode_kernel:   # which reaches every layer's cache in one array
+            self.kv_cache = allocate_kv_cache(model_config.num_layers, shape, dtype, stacked=True)
+        else:
+            self.kv_cache = allocate_kv_cache(model_config.num_layers, shape, dtype)
         # The last launched step's sampled tokens (padded to max_num_seqs rows) and the row
         # of each sequence in it, so the next step can start before they reach the host.
         self.last_tokens = jnp.zeros(max_num_seqs, jnp.int32)

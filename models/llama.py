@@ -225,7 +225,8 @@ def forward(params, kv_cache, batch, cfg: ModelConfig, attn_impl: str = "auto"):
     """One ragged step over all scheduled tokens (params in the fuse_projections layout).
 
     batch: input_ids/positions/slot_mapping [T], query_start_loc [S+1], seq_lens [S],
-    block_tables [S, P], logits_indices [S]. kv_cache: list of (k, v) per layer.
+    block_tables [S, P], logits_indices [S]. kv_cache: a list of (k, v) per layer, or one
+    (k, v) pair stacked over the layers, [L, num_pages, ...] (the decode kernel's cache).
     Returns (new kv_cache, logits [S, vocab] in float32).
     """
     x = params["embed"][batch["input_ids"]]
@@ -233,11 +234,26 @@ def forward(params, kv_cache, batch, cfg: ModelConfig, attn_impl: str = "auto"):
     cos, sin = jnp.cos(freqs), jnp.sin(freqs)
     layer_batch = {k: batch[k] for k in ("slot_mapping", "seq_lens", "block_tables",
                                          "query_start_loc")}
-    new_cache = []
-    for layer, (k_cache, v_cache) in zip(params["layers"], kv_cache):
-        x, k_cache, v_cache = _decoder_layer(layer, k_cache, v_cache, x, layer_batch, cos, sin,
-                                             cfg, attn_impl)
-        new_cache.append((k_cache, v_cache))
+    if isinstance(kv_cache, list):
+        new_cache = []
+        for layer, (k_cache, v_cache) in zip(params["layers"], kv_cache):
+            x, k_cache, v_cache = _decoder_layer(layer, k_cache, v_cache, x, layer_batch, cos,
+                                                 sin, cfg, attn_impl)
+            new_cache.append((k_cache, v_cache))
+    else:
+        # Stacked over layers, the cache is one paged cache of L x num_pages pages, in which
+        # layer i's page p is page i * num_pages + p; padding slots stay past its end.
+        num_layers, num_pages, page = kv_cache[0].shape[:3]
+        k_cache, v_cache = (a.reshape(num_layers * num_pages, *a.shape[2:]) for a in kv_cache)
+        slots = layer_batch["slot_mapping"]
+        for i, layer in enumerate(params["layers"]):
+            paged = dict(layer_batch, block_tables=layer_batch["block_tables"] + i * num_pages,
+                         slot_mapping=jnp.where(slots < num_pages * page,
+                                                slots + i * num_pages * page,
+                                                num_layers * num_pages * page))
+            x, k_cache, v_cache = _decoder_layer(layer, k_cache, v_cache, x, paged, cos, sin,
+                                                 cfg, attn_impl)
+        new_cache = tuple(a.reshape(kv_cache[0].shape) for a in (k_cache, v_cache))
 
     x = rms_norm(x[batch["logits_indices"]], params["final_norm"], cfg.rms_norm_eps)
     lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]

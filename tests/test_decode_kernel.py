@@ -65,6 +65,41 @@ def test_halves_order_leaves_the_logits_unchanged():
     np.testing.assert_allclose(v1, v0, rtol=1e-4, atol=1e-5)
 
 
+def test_a_cache_stacked_over_layers_gives_the_same_steps():
+    """The decode kernel's cache layout (one (k, v) pair over all layers) through the usual
+    step: the same logits and the same cache contents as a pair per layer."""
+    cfg = ModelConfig.from_hf(dict(KERNEL_SHAPE, hidden_size=256, intermediate_size=512,
+                                   num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=1))
+    params = random_params(cfg, jnp.float32)
+    shape = (6, 16, cfg.num_kv_heads, cfg.head_dim)
+    table = [4, 1, 3, 0]   # the sequence's pages; pages 2 and 5 stay free
+    runs = []
+    for stacked in (False, True):
+        cache = allocate_kv_cache(cfg.num_layers, shape, jnp.float32, stacked=stacked)
+        out = []
+        for tokens, start in ((list(range(1, 41)), 0), ([7], 40), ([9], 41)):
+            b = step_batch(tokens, start, 16, 4)
+            pos = np.asarray(b["positions"])
+            b["block_tables"] = jnp.asarray(table, jnp.int32)[None]
+            b["slot_mapping"] = jnp.asarray(np.asarray(table)[pos // 16] * 16 + pos % 16)
+            if len(tokens) > 1:   # two padding tokens, whose slot is past the cache
+                b = dict(b, input_ids=jnp.concatenate([b["input_ids"], jnp.zeros(2, jnp.int32)]),
+                         positions=jnp.concatenate([b["positions"], jnp.zeros(2, jnp.int32)]),
+                         slot_mapping=jnp.concatenate(
+                             [b["slot_mapping"], jnp.full(2, 6 * 16, jnp.int32)]))
+            cache, logits = llama.forward(params, cache, b, cfg, "xla")
+            out.append(np.asarray(logits))
+        if stacked:
+            cache = [(cache[0][i], cache[1][i]) for i in range(cfg.num_layers)]
+        runs.append((out, cache))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    for (k0, v0), (k1, v1) in zip(runs[0][1], runs[1][1]):
+        np.testing.assert_array_equal(k1, k0)
+        np.testing.assert_array_equal(v1, v0)
+
+
 def test_prepare_weights_folds_the_norms_and_tiles():
     cfg = ModelConfig.from_hf(dict(KERNEL_SHAPE, hidden_size=256, intermediate_size=512,
                                    num_hidden_layers=2))
