@@ -44,7 +44,6 @@ TC = 64                    # context tokens per attention item
 SILU_W = 128               # columns of h per block in the SiLU step
 Z_W = 256                  # columns per zeroing store
 GROUP = 4                  # query heads per KV head
-SMEM_BYTES = 232_448       # usable shared memory per block (H100/H200)
 
 
 def unsupported_reason(cfg, dtype, block_size: int, num_sms: int) -> str | None:
@@ -227,6 +226,7 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                   att, nrm_bufs, c_smem, m_smem, rs_smem, cs_smem, fx_smem, bars):
             (w_full, a_full, w_free, a_free, xbar, gbar, ubar, kv_bars, q_bar, c_bars, nbar,
              fx_bar) = bars
+            (k_smem, v_smem), q_smem, o_smem, ma_smem = att
 
             def stream(l, p, tile, bufs, full, free):
                 # GEMM p's tiles of this block, in order, through the S slots of bufs
@@ -367,7 +367,6 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
             def attention_item(l):
                 """Block 1 + i, i < NI: KV head g, split s, for the 4 query heads of g (rows
                 4 (g % 2) .. + 3 of the 64-head q tile)."""
-                (k_smem, v_smem), q_smem, o_smem, _ = att
                 g, s = item_g, item_s
                 col = plgpu.broadcasted_iota(jnp.int32, (64, TC), 1, layout=plgpu.Layout.WGMMA)
                 plgpu.copy_gmem_to_smem(qkv_g.at[l, 0, pl.ds(lax.div(g, 2) * 8, 64)], q_smem,
@@ -445,8 +444,6 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(ma_smem, a_g.at[l, 0, pl.ds(b * HD, HD)])
                 plgpu.wait_smem_to_gmem(0)
-
-            ma_smem = att[3]
 
             def _consumer():
                 # Zero the add-into buffers (and a, and qkv's spare rows), copy x0 into x and
