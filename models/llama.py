@@ -255,9 +255,14 @@ def forward(params, kv_cache, batch, cfg: ModelConfig, attn_impl: str = "auto"):
                                                  cfg, attn_impl)
         new_cache = tuple(a.reshape(kv_cache[0].shape) for a in (k_cache, v_cache))
 
-    x = rms_norm(x[batch["logits_indices"]], params["final_norm"], cfg.rms_norm_eps)
+    return new_cache, logits(params, x[batch["logits_indices"]], cfg)
+
+
+def logits(params, x, cfg: ModelConfig):
+    """Final norm and lm_head of hidden states x [S, D]: logits [S, vocab] in float32."""
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return new_cache, jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
+    return jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
 
 
 def forward_decode_kernel(params, kernel_weights, kv_cache, batch, cfg: ModelConfig,
@@ -271,7 +276,4 @@ def forward_decode_kernel(params, kernel_weights, kv_cache, batch, cfg: ModelCon
         batch["block_tables"][0], batch["positions"][0], rope_inv_freq(cfg),
         eps=cfg.rms_norm_eps, num_sms=num_sms)
     rows = batch["logits_indices"].shape[0]
-    x = jnp.zeros((rows, x.shape[1]), x.dtype).at[0].set(x[0])
-    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return kv_cache, jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
+    return kv_cache, logits(params, jnp.zeros((rows, x.shape[1]), x.dtype).at[0].set(x[0]), cfg)

@@ -30,14 +30,16 @@ def random_params(cfg: ModelConfig, dtype, seed=0):
     return llama.fuse_projections(params, cfg)
 
 
-def step_batch(tokens, start, block_size, num_pages):
-    """One sequence's step over tokens at positions start.. (pages 0.. in order)."""
+def step_batch(tokens, start, block_size, table):
+    """One sequence's step over tokens at positions start.., its pages in `table`."""
     n = len(tokens)
     pos = np.arange(start, start + n, dtype=np.int32)
+    table = np.asarray(table, np.int32)
     return dict(input_ids=jnp.asarray(tokens, jnp.int32), positions=jnp.asarray(pos),
-                slot_mapping=jnp.asarray(pos), query_start_loc=jnp.asarray([0, n], jnp.int32),
+                slot_mapping=jnp.asarray(table[pos // block_size] * block_size + pos % block_size),
+                query_start_loc=jnp.asarray([0, n], jnp.int32),
                 seq_lens=jnp.asarray([start + n], jnp.int32),
-                block_tables=jnp.arange(num_pages, dtype=jnp.int32)[None],
+                block_tables=jnp.asarray(table)[None],
                 logits_indices=jnp.asarray([n - 1], jnp.int32))
 
 
@@ -54,8 +56,8 @@ def test_halves_order_leaves_the_logits_unchanged():
     outs = []
     for p, c in ((params, cfg), (halves, hcfg)):
         cache = allocate_kv_cache(c.num_layers, (4, 16, c.num_kv_heads, c.head_dim), jnp.float32)
-        cache, _ = llama.forward(p, cache, step_batch(list(range(1, 21)), 0, 16, 4), c, "xla")
-        cache, logits = llama.forward(p, cache, step_batch([7], 20, 16, 4), c, "xla")
+        cache, _ = llama.forward(p, cache, step_batch(list(range(1, 21)), 0, 16, range(4)), c, "xla")
+        cache, logits = llama.forward(p, cache, step_batch([7], 20, 16, range(4)), c, "xla")
         outs.append((cache, logits))
     np.testing.assert_allclose(outs[1][1], outs[0][1], rtol=1e-4, atol=1e-4)
     # the cache holds k in the halves order, v as it was
@@ -79,10 +81,7 @@ def test_a_cache_stacked_over_layers_gives_the_same_steps():
         cache = allocate_kv_cache(cfg.num_layers, shape, jnp.float32, stacked=stacked)
         out = []
         for tokens, start in ((list(range(1, 41)), 0), ([7], 40), ([9], 41)):
-            b = step_batch(tokens, start, 16, 4)
-            pos = np.asarray(b["positions"])
-            b["block_tables"] = jnp.asarray(table, jnp.int32)[None]
-            b["slot_mapping"] = jnp.asarray(np.asarray(table)[pos // 16] * 16 + pos % 16)
+            b = step_batch(tokens, start, 16, table)
             if len(tokens) > 1:   # two padding tokens, whose slot is past the cache
                 b = dict(b, input_ids=jnp.concatenate([b["input_ids"], jnp.zeros(2, jnp.int32)]),
                          positions=jnp.concatenate([b["positions"], jnp.zeros(2, jnp.int32)]),
@@ -154,15 +153,9 @@ def test_decode_kernel_matches_the_usual_step(block_size, context, stacked):
     # the pages of the sequence, in a shuffled order, as the block manager hands them out
     table = rng.permutation(pages + 2)[:pages].astype(np.int32)
 
-    def batch(tokens, start):
-        b = step_batch(tokens, start, block_size, pages)
-        pos = np.asarray(b["positions"])
-        b["block_tables"] = jnp.asarray(table)[None]
-        b["slot_mapping"] = jnp.asarray(table[pos // block_size] * block_size + pos % block_size)
-        return b
-
-    cache, _ = jax.jit(llama.forward, static_argnums=(3,))(params, cache, batch(prompt, 0), cfg)
-    step = batch([5], context)
+    cache, _ = jax.jit(llama.forward, static_argnums=(3,))(
+        params, cache, step_batch(prompt, 0, block_size, table), cfg)
+    step = step_batch([5], context, block_size, table)
     ref_cache, ref = jax.jit(llama.forward, static_argnums=(3,))(
         params, [(k.copy(), v.copy()) for k, v in cache], step, cfg)
     if stacked:   # the cache as one k and one v array over all layers
