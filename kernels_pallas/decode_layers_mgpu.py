@@ -223,7 +223,7 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
             return w_src[p].at[l, unit, pl.ds(k * HD, HD), :]
 
         def inner(w_smem, a_smem, out_smem, z_smem, zq_smem, xr0_smem, g_smem, u_smem, h_smem,
-                  att, nrm_bufs, c_smem, m_smem, rs_smem, cs_smem, fx_smem, bars):
+                  att, nrm_bufs, c_smem, rs_smem, cs_smem, fx_smem, bars):
             (w_full, a_full, w_free, a_free, xbar, gbar, ubar, kv_bars, q_bar, c_bars, nbar,
              fx_bar) = bars
             (k_smem, v_smem), q_smem, o_smem, ma_smem = att
@@ -418,29 +418,24 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                 g = lax.div(b, GROUP)
                 j = lax.rem(g, 2) * GROUP + lax.rem(b, GROUP)   # its row in the item's output
                 last = lax.div(pos, TC)
+                # Every split's copy is asked for, those past the context from split 0, so
+                # that all values are finite and the sums run in registers without branches
+                # (a masked weight of zero leaves them out; split 0 is in the maximum anyway).
                 for s in range(NS):
-                    @pl.when(s <= last)
-                    def _():
-                        plgpu.copy_gmem_to_smem(part_g.at[l, s, g, :, j], c_smem.at[s],
-                                                c_bars.at[s])
+                    src = jnp.where(s <= last, s, 0)
+                    plgpu.copy_gmem_to_smem(part_g.at[l, src, g, :, j], c_smem.at[s],
+                                            c_bars.at[s])
                 for s in range(NS):
-                    pl.when(s <= last)(functools.partial(plgpu.barrier_wait, c_bars.at[s]))
-                top, num, den = (m_smem.at[i] for i in range(3))
-                top[...] = c_smem.at[0, 1][...]
-                for s in range(1, NS):
-                    @pl.when(s <= last)
-                    def _():
-                        top[...] = jnp.maximum(top[...], c_smem.at[s, 1][...])
-                w = jnp.exp(c_smem.at[0, 1][...] - top[...])
-                num[...] = w * c_smem.at[0, 0][...]
-                den[...] = w * c_smem.at[0, 2][...]
-                for s in range(1, NS):
-                    @pl.when(s <= last)
-                    def _():
-                        w = jnp.exp(c_smem.at[s, 1][...] - top[...])
-                        num[...] = num[...] + w * c_smem.at[s, 0][...]
-                        den[...] = den[...] + w * c_smem.at[s, 2][...]
-                ma_smem[...] = (num[...] / den[...]).astype(bf16)
+                    plgpu.barrier_wait(c_bars.at[s])
+                ms = [c_smem.at[s, 1][...] for s in range(NS)]
+                top = functools.reduce(jnp.maximum, ms)
+                num = den = None
+                for s in range(NS):
+                    w = jnp.exp(ms[s] - top) * jnp.where(s <= last, 1.0, 0.0)
+                    o_s, l_s = w * c_smem.at[s, 0][...], w * c_smem.at[s, 2][...]
+                    num = o_s if num is None else num + o_s
+                    den = l_s if den is None else den + l_s
+                ma_smem[...] = (num / den).astype(bf16)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(ma_smem, a_g.at[l, 0, pl.ds(b * HD, HD)])
                 plgpu.wait_smem_to_gmem(0)
@@ -674,16 +669,16 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                      plgpu.SMEM((64, 64), f32))
         start_bufs = (plgpu.SMEM((R, Z_W), bf16), plgpu.SMEM((R, HD), bf16),
                       plgpu.SMEM((64, 64), bf16))
-        merge_bufs = (plgpu.SMEM((NS, 3, HD), f32), plgpu.SMEM((3, HD), f32))
+        merge_bufs = plgpu.SMEM((NS, 3, HD), f32)
         shared = plgpu.RefUnion(att_bufs, plgpu.SMEM((64, HD), f32), norm_bufs, start_bufs,
                                 merge_bufs)
 
         def with_scratch(w_smem, a_smem, out_smem, g_smem, u_smem, h_smem, ma_smem, shared_ref,
                          rs_smem, cs_smem, fx_smem, *bars):
             ((k_ref, v_ref, q_ref), o_ref, nrm_refs, (z_smem, zq_smem, xr0_smem),
-             (c_smem, m_smem)) = shared_ref
+             c_smem) = shared_ref
             inner(w_smem, a_smem, out_smem, z_smem, zq_smem, xr0_smem, g_smem, u_smem, h_smem,
-                  ((k_ref, v_ref), q_ref, o_ref, ma_smem), nrm_refs, c_smem, m_smem, rs_smem,
+                  ((k_ref, v_ref), q_ref, o_ref, ma_smem), nrm_refs, c_smem, rs_smem,
                   cs_smem, fx_smem, bars)
 
         pl.run_scoped(

@@ -1,15 +1,17 @@
-"""Does the decode kernel lose its time to the cache as one array per layer? One batch-1 decode
-step of the Llama-3.1-8B shape (dummy weights, context 256, 16-token pages in a shuffled
-order), timed in one process as:
+"""Where does the decode kernel lose its time against the decode-layer probe's form? One
+batch-1 decode step of the Llama-3.1-8B shape (dummy weights, a context of pos tokens plus the
+new one, pages in a shuffled order), timed in one process as:
   usual      the engine's usual step (llama.forward: XLA's kernels and the Triton attention)
-  per_layer  the decode kernel with the engine's cache, a (k, v) array pair per layer, which
-             the kernel reaches through a choice among 32 at each copy
-  stacked    the decode kernel with the same cache stacked over layers (one k and one v
-             array): no choice, one descriptor per kind of copy
-with each form's compile time, its step's span on the device timeline (kernels and the gaps
-between them), and how far its logits are from the usual step's.
+  per_layer  the decode kernel with a (k, v) array pair per layer, which the kernel reaches
+             through a choice among 32 at each copy
+  stacked    the decode kernel with the cache stacked over layers (one k and one v array)
+  before     as stacked, with the kernel as it was before its merge ran in registers
+             (kernel_before.py, a copy)
+each optionally with :bs=<page size> (16 by default) and :pos=<n> (256 by default), with each
+form's compile time, its step's span on the device timeline (kernels and the gaps between
+them), and how far its logits are from the usual step's of the same bs and pos.
 
-    python scripts/probes/decode_kernel_cache/probe.py [usual] [per_layer] [stacked]
+    python scripts/probes/decode_kernel_cache/probe.py [form[:bs=N][:pos=N] ...]
         [--lower-only]   (trace and lower for CUDA only: a check on a machine without GPU)
 
 JSON under $OUT."""
@@ -18,17 +20,17 @@ import numpy as np
 import jax, jax.numpy as jnp
 
 here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.join(here, "..", "..", "..")]
+sys.path[:0] = [here, os.path.join(here, "..", "..", "..")]
 from atom_jax.loader import load_dummy
-from atom_jax.model_runner import allocate_kv_cache
 from kernels_pallas import decode_layers_mgpu
+import kernel_before
 from models import llama
 from scripts.bench_common import gpu_kernel_events
 
 lower_only = "--lower-only" in sys.argv
-forms = [a for a in sys.argv[1:] if not a.startswith("--")] or ["usual", "per_layer", "stacked"]
+forms = [a for a in sys.argv[1:] if not a.startswith("--")] or ["usual", "stacked", "before"]
 config = os.path.join(here, "..", "..", "configs", "llama-3.1-8b.json")
-CONTEXT, BS, PAGES = 256, 16, 64   # pos 256; a cache of 64 pages of 16 tokens
+TOKENS = 1024   # cache capacity of the sequence
 out_dir = os.environ.get("OUT", "/tmp")
 
 if lower_only:   # shapes only
@@ -46,46 +48,65 @@ else:
     weights = decode_layers_mgpu.prepare_weights(params["layers"])
     num_sms = jax.devices()[0].core_count
 L, KVH, HD = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-rng = np.random.default_rng(0)
-table = rng.permutation(PAGES).astype(np.int32)
-pos = np.array([CONTEXT], np.int32)
-batch = dict(input_ids=jnp.array([7], jnp.int32), positions=jnp.asarray(pos),
-             slot_mapping=jnp.asarray(table[pos // BS] * BS + pos % BS),
-             query_start_loc=jnp.array([0, 1], jnp.int32),
-             seq_lens=jnp.array([CONTEXT + 1], jnp.int32),
-             block_tables=jnp.asarray(table)[None], logits_indices=jnp.array([0], jnp.int32))
 
 
-def cache(form):
-    shape = (L, PAGES, BS, KVH, HD)
+def parse(name):
+    kind, *rest = name.split(":")
+    opts = {"bs": 16, "pos": 256, **{k: int(v) for k, v in (e.split("=") for e in rest)}}
+    return kind, opts["bs"], opts["pos"]
+
+
+def batch_for(bs, at):
+    pages = TOKENS // bs
+    table = np.random.default_rng(0).permutation(pages).astype(np.int32)
+    pos = np.array([at], np.int32)
+    return dict(input_ids=jnp.array([7], jnp.int32), positions=jnp.asarray(pos),
+                slot_mapping=jnp.asarray(table[pos // bs] * bs + pos % bs),
+                query_start_loc=jnp.array([0, 1], jnp.int32),
+                seq_lens=jnp.array([at + 1], jnp.int32),
+                block_tables=jnp.asarray(table)[None], logits_indices=jnp.array([0], jnp.int32))
+
+
+def cache(kind, bs):
+    shape = (L, TOKENS // bs, bs, KVH, HD)
     if lower_only:
         k = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-        return (k, k) if form == "stacked" else [(k.update(shape=shape[1:]),) * 2] * L
+        return [(k.update(shape=shape[1:]),) * 2] * L if kind == "per_layer" else (k, k)
     kv = [jax.random.normal(jax.random.key(i), shape, jnp.float32).astype(jnp.bfloat16)
           for i in range(2)]
-    if form == "stacked":
-        return tuple(kv)
-    return [(kv[0][i], kv[1][i]) for i in range(L)]
+    if kind == "per_layer":
+        return [(kv[0][i], kv[1][i]) for i in range(L)]
+    return tuple(kv)
 
 
-def step_fn(form):
-    if form == "usual":
+def step_fn(kind):
+    if kind == "usual":
         return jax.jit(lambda p, w, c, b: llama.forward(p, c, b, cfg), donate_argnums=(2,))
-    return jax.jit(lambda p, w, c, b: llama.forward_decode_kernel(p, w, c, b, cfg, num_sms),
-                   donate_argnums=(2,))
+    module = kernel_before if kind == "before" else decode_layers_mgpu
+
+    def step(p, w, c, b):
+        real = llama.decode_layers_mgpu
+        llama.decode_layers_mgpu = module   # forward_decode_kernel calls module.decode_layers
+        try:
+            return llama.forward_decode_kernel(p, w, c, b, cfg, num_sms)
+        finally:
+            llama.decode_layers_mgpu = real
+
+    return jax.jit(step, donate_argnums=(2,))
 
 
 results = {}
 for form in forms:
-    fn = step_fn(form)
+    kind, bs, at = parse(form)
+    fn, batch = step_fn(kind), batch_for(bs, at)
     t = time.perf_counter()
     if lower_only:
-        fn.trace(params, weights, cache(form), batch).lower(lowering_platforms=("cuda",))
+        fn.trace(params, weights, cache(kind, bs), batch).lower(lowering_platforms=("cuda",))
         print(form, f"lowered for cuda in {time.perf_counter() - t:.1f} s", flush=True)
         continue
-    compiled = fn.lower(params, weights, cache(form), batch).compile()
+    compiled = fn.lower(params, weights, cache(kind, bs), batch).compile()
     compile_s = time.perf_counter() - t
-    kv = cache(form)
+    kv = cache(kind, bs)
     kv, logits = compiled(params, weights, kv, batch)
     logits = np.asarray(logits[0], np.float32)
     walls = []
@@ -122,17 +143,18 @@ for form in forms:
 if not lower_only:
     logits = {form: r.pop("logits") for form, r in results.items()}
     for form, r in results.items():
-        if "usual" in logits and form != "usual":
-            lg, rl = logits[form], logits["usual"]
+        _, bs, at = parse(form)
+        ref = next((f for f in results if parse(f) == ("usual", bs, at)), None)
+        if ref and form != ref:
+            lg, rl = logits[form], logits[ref]
             r["logits_err"] = float(np.max(np.abs(lg - rl)) / np.max(np.abs(rl)))
             r["same_top"] = bool(np.argmax(lg) == np.argmax(rl))
-    json.dump(dict(device=str(jax.devices()[0]), jax=jax.__version__, context=CONTEXT,
-                   block_size=BS, results=results),
+    json.dump(dict(device=str(jax.devices()[0]), jax=jax.__version__, results=results),
               open(os.path.join(out_dir, "decode_kernel_cache.json"), "w"), indent=1)
-    print(f"{'form':10s} {'span us':>8s} {'us/layer':>8s} {'tok/s':>6s} {'wall us':>8s} "
+    print(f"{'form':22s} {'span us':>8s} {'us/layer':>8s} {'tok/s':>6s} {'wall us':>8s} "
           f"{'kernels':>7s} {'compile s':>9s}  logits err / same top")
     for form, r in results.items():
-        print(f"{form:10s} {r['span_us']:8.0f} {r['span_us'] / L:8.2f} {1e6 / r['span_us']:6.1f} "
+        print(f"{form:22s} {r['span_us']:8.0f} {r['span_us'] / L:8.2f} {1e6 / r['span_us']:6.1f} "
               f"{r['wall_us']:8.0f} {r['kernels']:7d} {r['compile_s']:9.1f}  "
               f"{r.get('logits_err', '')} {r.get('same_top', '')}")
         print("   ", "  ".join(f"{k}:{n}x{t / n:.1f}" for k, n, t in r["top"]))
