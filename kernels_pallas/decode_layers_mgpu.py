@@ -659,7 +659,9 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
         # The attention items' buffers, the merge's, the norm's and those used only at the start
         # share memory: the norms run in block 0 only, which runs no attention item, once every
         # block is past the start, and never during a merge (the merges wait for all items,
-        # which wait for the norm). An item writes o only once k, v and q are read.
+        # which wait for the norm). An item writes o only once k, v and q are read. Block 0's
+        # norm warpgroup scales the new K/V rows (fx) while block 0 merges: fx sits beside the
+        # merge's buffers, past them.
         att_bufs = (plgpu.SMEM((TC, HD), bf16, transforms=tf),
                     plgpu.SMEM((TC, HD), bf16, transforms=tf),
                     plgpu.SMEM((64, HD), bf16, transforms=tf))
@@ -669,14 +671,15 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                      plgpu.SMEM((64, 64), f32))
         start_bufs = (plgpu.SMEM((R, Z_W), bf16), plgpu.SMEM((R, HD), bf16),
                       plgpu.SMEM((64, 64), bf16))
-        merge_bufs = plgpu.SMEM((NS, 3, HD), f32)
+        merge_bufs = (plgpu.SMEM((NS, 3, HD), f32), plgpu.SMEM((HD,), bf16),
+                      plgpu.SMEM((2, KVH, HD), bf16))
         shared = plgpu.RefUnion(att_bufs, plgpu.SMEM((64, HD), f32), norm_bufs, start_bufs,
                                 merge_bufs)
 
-        def with_scratch(w_smem, a_smem, out_smem, g_smem, u_smem, h_smem, ma_smem, shared_ref,
-                         rs_smem, cs_smem, fx_smem, *bars):
+        def with_scratch(w_smem, a_smem, out_smem, g_smem, u_smem, h_smem, shared_ref,
+                         rs_smem, cs_smem, *bars):
             ((k_ref, v_ref, q_ref), o_ref, nrm_refs, (z_smem, zq_smem, xr0_smem),
-             c_smem) = shared_ref
+             (c_smem, ma_smem, fx_smem)) = shared_ref
             inner(w_smem, a_smem, out_smem, z_smem, zq_smem, xr0_smem, g_smem, u_smem, h_smem,
                   ((k_ref, v_ref), q_ref, o_ref, ma_smem), nrm_refs, c_smem, rs_smem,
                   cs_smem, fx_smem, bars)
@@ -689,11 +692,9 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
             plgpu.SMEM((R, SILU_W), bf16),
             plgpu.SMEM((R, SILU_W), bf16),
             plgpu.SMEM((R, SILU_W), bf16),
-            plgpu.SMEM((HD,), bf16),
             shared,
             plgpu.SMEM((64, R), f32),
             plgpu.SMEM((2, 2, 32, R), f32),
-            plgpu.SMEM((2, KVH, HD), bf16),
             plgpu.Barrier(num_barriers=S),
             plgpu.Barrier(num_barriers=S),
             plgpu.Barrier(num_barriers=S),

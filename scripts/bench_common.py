@@ -91,7 +91,8 @@ def build_llm(args, max_num_seqs: int):
                                        max_num_seqs=max_num_seqs,
                                        compile_threads=getattr(args, "compile_threads", None),
                                        num_scheduler_steps=getattr(args, "num_scheduler_steps", None),
-                                       decode_kernel=getattr(args, "decode_kernel", "off")))
+                                       decode_kernel=getattr(args, "decode_kernel", "off"),
+                                       block_size=getattr(args, "block_size", 16)))
     return llm, time.perf_counter() - t
 
 

@@ -145,7 +145,7 @@ def startup(args) -> dict:
            "--max-num-seqs", str(args.max_num_seqs)]
     if args.num_scheduler_steps is not None:
         cmd += ["--num-scheduler-steps", str(args.num_scheduler_steps)]
-    cmd += ["--decode-kernel", args.decode_kernel]
+    cmd += ["--decode-kernel", args.decode_kernel, "--block-size", str(args.block_size)]
     out = {}
     for label in ("cold", "warm"):
         t = time.time()
@@ -179,6 +179,9 @@ def main():
                    help="decode steps per launch for small batches (default: the engine's)")
     p.add_argument("--decode-kernel", default="off", choices=["auto", "on", "off"],
                    help="batch-1 decode in the persistent decode kernel (EngineConfig.decode_kernel)")
+    p.add_argument("--block-size", type=int, default=16,
+                   help="tokens per KV cache page (EngineConfig.block_size); the decode kernel "
+                        "reads 64-token pages faster than 16-token ones")
     p.add_argument("--only-startup", action="store_true", help="time only the cold and warm start-up")
     p.add_argument("--hf-peer", action="store_true",
                    help="also time transformers generate on the same shapes (GPU, torch)")
@@ -258,6 +261,7 @@ def main():
                    "bytes_per_step": bytes_per_step, "achieved_gbs": achieved,
                    "fraction_of_copy_bandwidth": achieved / ceiling},
         "prefill": {"tokens": args.prefill_len, "ttft_s": ttft, "effective_tflops": tflops},
+        "block_size": args.block_size,
         "buckets": eng.runner.buckets, "startup_phases_s": eng.startup_times,
         "multi_step": multi_step_info(eng),
         "decode_kernel": {"mode": args.decode_kernel,

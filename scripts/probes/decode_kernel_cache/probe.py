@@ -7,7 +7,8 @@ new one, pages in a shuffled order), timed in one process as:
   stacked    the decode kernel with the cache stacked over layers (one k and one v array)
   before     as stacked, with the kernel as it was before its merge ran in registers
              (kernel_before.py, a copy)
-each optionally with :bs=<page size> (16 by default) and :pos=<n> (256 by default), with each
+each optionally with :bs=<page size> (16 by default), :pos=<n> (256 by default) and, for the
+kernel, :slots=<weight buffers> (8 by default), with each
 form's compile time, its step's span on the device timeline (kernels and the gaps between
 them), and how far its logits are from the usual step's of the same bs and pos.
 
@@ -15,7 +16,7 @@ them), and how far its logits are from the usual step's of the same bs and pos.
         [--lower-only]   (trace and lower for CUDA only: a check on a machine without GPU)
 
 JSON under $OUT."""
-import dataclasses, json, os, sys, tempfile, time
+import dataclasses, functools, json, os, sys, tempfile, time, types
 import numpy as np
 import jax, jax.numpy as jnp
 
@@ -52,8 +53,9 @@ L, KVH, HD = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
 
 def parse(name):
     kind, *rest = name.split(":")
-    opts = {"bs": 16, "pos": 256, **{k: int(v) for k, v in (e.split("=") for e in rest)}}
-    return kind, opts["bs"], opts["pos"]
+    opts = {"bs": 16, "pos": 256, "slots": 8,
+            **{k: int(v) for k, v in (e.split("=") for e in rest)}}
+    return kind, opts["bs"], opts["pos"], opts["slots"]
 
 
 def batch_for(bs, at):
@@ -79,10 +81,12 @@ def cache(kind, bs):
     return tuple(kv)
 
 
-def step_fn(kind):
+def step_fn(kind, slots):
     if kind == "usual":
         return jax.jit(lambda p, w, c, b: llama.forward(p, c, b, cfg), donate_argnums=(2,))
-    module = kernel_before if kind == "before" else decode_layers_mgpu
+    chosen = kernel_before if kind == "before" else decode_layers_mgpu
+    module = types.SimpleNamespace(
+        decode_layers=functools.partial(chosen.decode_layers, slots=slots))
 
     def step(p, w, c, b):
         real = llama.decode_layers_mgpu
@@ -97,8 +101,8 @@ def step_fn(kind):
 
 results = {}
 for form in forms:
-    kind, bs, at = parse(form)
-    fn, batch = step_fn(kind), batch_for(bs, at)
+    kind, bs, at, slots = parse(form)
+    fn, batch = step_fn(kind, slots), batch_for(bs, at)
     t = time.perf_counter()
     if lower_only:
         fn.trace(params, weights, cache(kind, bs), batch).lower(lowering_platforms=("cuda",))
@@ -143,8 +147,8 @@ for form in forms:
 if not lower_only:
     logits = {form: r.pop("logits") for form, r in results.items()}
     for form, r in results.items():
-        _, bs, at = parse(form)
-        ref = next((f for f in results if parse(f) == ("usual", bs, at)), None)
+        _, bs, at, _ = parse(form)
+        ref = next((f for f in results if parse(f)[:3] == ("usual", bs, at)), None)
         if ref and form != ref:
             lg, rl = logits[form], logits[ref]
             r["logits_err"] = float(np.max(np.abs(lg - rl)) / np.max(np.abs(rl)))
