@@ -5,8 +5,7 @@ new one, pages in a shuffled order), timed in one process as:
   per_layer  the decode kernel with a (k, v) array pair per layer, which the kernel reaches
              through a choice among 32 at each copy
   stacked    the decode kernel with the cache stacked over layers (one k and one v array)
-  before     as stacked, with the kernel as it was before its merge ran in registers
-             (kernel_before.py, a copy)
+  variant    as stacked, with kernel_variant.py (a copy with parts left out: :att=0, :silu=0)
 each optionally with :bs=<page size> (16 by default), :pos=<n> (256 by default) and, for the
 kernel, :slots=<weight buffers> (8 by default), with each
 form's compile time, its step's span on the device timeline (kernels and the gaps between
@@ -24,12 +23,12 @@ here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [here, os.path.join(here, "..", "..", "..")]
 from atom_jax.loader import load_dummy
 from kernels_pallas import decode_layers_mgpu
-import kernel_before
+import kernel_variant
 from models import llama
 from scripts.bench_common import gpu_kernel_events
 
 lower_only = "--lower-only" in sys.argv
-forms = [a for a in sys.argv[1:] if not a.startswith("--")] or ["usual", "stacked", "before"]
+forms = [a for a in sys.argv[1:] if not a.startswith("--")] or ["usual", "stacked"]
 config = os.path.join(here, "..", "..", "configs", "llama-3.1-8b.json")
 TOKENS = 1024   # cache capacity of the sequence
 out_dir = os.environ.get("OUT", "/tmp")
@@ -53,8 +52,9 @@ L, KVH, HD = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
 
 def parse(name):
     kind, *rest = name.split(":")
-    opts = {"bs": 16, "pos": 256, "slots": 8,
+    opts = {"bs": 16, "pos": 256, "slots": 8, "att": 1, "silu": 1,
             **{k: int(v) for k, v in (e.split("=") for e in rest)}}
+    kernel_variant.ATT, kernel_variant.SILU = opts["att"], opts["silu"]
     return kind, opts["bs"], opts["pos"], opts["slots"]
 
 
@@ -84,7 +84,7 @@ def cache(kind, bs):
 def step_fn(kind, slots):
     if kind == "usual":
         return jax.jit(lambda p, w, c, b: llama.forward(p, c, b, cfg), donate_argnums=(2,))
-    chosen = kernel_before if kind == "before" else decode_layers_mgpu
+    chosen = kernel_variant if kind == "variant" else decode_layers_mgpu
     module = types.SimpleNamespace(
         decode_layers=functools.partial(chosen.decode_layers, slots=slots))
 

@@ -1,4 +1,8 @@
-"""Every decoder layer of a batch-1 decode step as ONE persistent Mosaic GPU kernel (Hopper).
+"""A copy of kernels_pallas/decode_layers_mgpu.py with parts that can be left out, to see what
+each costs (wrong results): ATT = 0 runs no attention item and no merge (the barriers stay);
+SILU = 0 computes no SiLU step (its barrier stays). Set the module's globals before tracing.
+
+Every decoder layer of a batch-1 decode step as ONE persistent Mosaic GPU kernel (Hopper).
 
 Batch-1 decode streams each layer's weights once per token. XLA runs a layer as about 14
 kernels, and each GEMM loses 2-3 us at its start and end while the weight stream stops; this
@@ -44,6 +48,7 @@ TC = 64                    # context tokens per attention item
 SILU_W = 128               # columns of h per block in the SiLU step
 Z_W = 256                  # columns per zeroing store
 GROUP = 4                  # query heads per KV head
+ATT, SILU = 1, 1
 
 
 def unsupported_reason(cfg, dtype, block_size: int, num_sms: int) -> str | None:
@@ -223,7 +228,7 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
             return w_src[p].at[l, unit, pl.ds(k * HD, HD), :]
 
         def inner(w_smem, a_smem, out_smem, z_smem, zq_smem, xr0_smem, g_smem, u_smem, h_smem,
-                  att, nrm_bufs, c_smem, m_smem, rs_smem, cs_smem, fx_smem, bars):
+                  att, nrm_bufs, c_smem, rs_smem, cs_smem, fx_smem, bars):
             (w_full, a_full, w_free, a_free, xbar, gbar, ubar, kv_bars, q_bar, c_bars, nbar,
              fx_bar) = bars
             (k_smem, v_smem), q_smem, o_smem, ma_smem = att
@@ -418,29 +423,24 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                 g = lax.div(b, GROUP)
                 j = lax.rem(g, 2) * GROUP + lax.rem(b, GROUP)   # its row in the item's output
                 last = lax.div(pos, TC)
+                # Every split's copy is asked for, those past the context from split 0, so
+                # that all values are finite and the sums run in registers without branches
+                # (a masked weight of zero leaves them out; split 0 is in the maximum anyway).
                 for s in range(NS):
-                    @pl.when(s <= last)
-                    def _():
-                        plgpu.copy_gmem_to_smem(part_g.at[l, s, g, :, j], c_smem.at[s],
-                                                c_bars.at[s])
+                    src = jnp.where(s <= last, s, 0)
+                    plgpu.copy_gmem_to_smem(part_g.at[l, src, g, :, j], c_smem.at[s],
+                                            c_bars.at[s])
                 for s in range(NS):
-                    pl.when(s <= last)(functools.partial(plgpu.barrier_wait, c_bars.at[s]))
-                top, num, den = (m_smem.at[i] for i in range(3))
-                top[...] = c_smem.at[0, 1][...]
-                for s in range(1, NS):
-                    @pl.when(s <= last)
-                    def _():
-                        top[...] = jnp.maximum(top[...], c_smem.at[s, 1][...])
-                w = jnp.exp(c_smem.at[0, 1][...] - top[...])
-                num[...] = w * c_smem.at[0, 0][...]
-                den[...] = w * c_smem.at[0, 2][...]
-                for s in range(1, NS):
-                    @pl.when(s <= last)
-                    def _():
-                        w = jnp.exp(c_smem.at[s, 1][...] - top[...])
-                        num[...] = num[...] + w * c_smem.at[s, 0][...]
-                        den[...] = den[...] + w * c_smem.at[s, 2][...]
-                ma_smem[...] = (num[...] / den[...]).astype(bf16)
+                    plgpu.barrier_wait(c_bars.at[s])
+                ms = [c_smem.at[s, 1][...] for s in range(NS)]
+                top = functools.reduce(jnp.maximum, ms)
+                num = den = None
+                for s in range(NS):
+                    w = jnp.exp(ms[s] - top) * jnp.where(s <= last, 1.0, 0.0)
+                    o_s, l_s = w * c_smem.at[s, 0][...], w * c_smem.at[s, 2][...]
+                    num = o_s if num is None else num + o_s
+                    den = l_s if den is None else den + l_s
+                ma_smem[...] = (num / den).astype(bf16)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(ma_smem, a_g.at[l, 0, pl.ds(b * HD, HD)])
                 plgpu.wait_smem_to_gmem(0)
@@ -620,14 +620,14 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                 if p == 0:
                     wait_all(sem(l, Q_))
 
-                    @pl.when((b >= 1) & (b <= NI) & (item_s * TC <= pos))
+                    @pl.when((b >= 1) & (b <= NI) & (item_s * TC <= pos) & (ATT == 1))
                     def _():
                         attention_item(l)
 
                     arrive(sem(l, ATT))
                     wait_all(sem(l, ATT))
 
-                    @pl.when(b < QH)
+                    @pl.when((b < QH) & (ATT == 1))
                     def _():
                         merge(l)
 
@@ -636,7 +636,7 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                     # h = silu(inv1 gate) * (inv1 up), SILU_W columns per block
                     wait_all(sem(l, G_))
 
-                    @pl.when(b < F // SILU_W)
+                    @pl.when((b < F // SILU_W) & (SILU == 1))
                     def _():
                         cols = pl.ds(b * SILU_W, SILU_W)
                         plgpu.copy_gmem_to_smem(gu_g.at[l, :, cols], g_smem, gbar)
@@ -664,7 +664,9 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
         # The attention items' buffers, the merge's, the norm's and those used only at the start
         # share memory: the norms run in block 0 only, which runs no attention item, once every
         # block is past the start, and never during a merge (the merges wait for all items,
-        # which wait for the norm). An item writes o only once k, v and q are read.
+        # which wait for the norm). An item writes o only once k, v and q are read. Block 0's
+        # norm warpgroup scales the new K/V rows (fx) while block 0 merges: fx sits beside the
+        # merge's buffers, past them.
         att_bufs = (plgpu.SMEM((TC, HD), bf16, transforms=tf),
                     plgpu.SMEM((TC, HD), bf16, transforms=tf),
                     plgpu.SMEM((64, HD), bf16, transforms=tf))
@@ -674,16 +676,17 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                      plgpu.SMEM((64, 64), f32))
         start_bufs = (plgpu.SMEM((R, Z_W), bf16), plgpu.SMEM((R, HD), bf16),
                       plgpu.SMEM((64, 64), bf16))
-        merge_bufs = (plgpu.SMEM((NS, 3, HD), f32), plgpu.SMEM((3, HD), f32))
+        merge_bufs = (plgpu.SMEM((NS, 3, HD), f32), plgpu.SMEM((HD,), bf16),
+                      plgpu.SMEM((2, KVH, HD), bf16))
         shared = plgpu.RefUnion(att_bufs, plgpu.SMEM((64, HD), f32), norm_bufs, start_bufs,
                                 merge_bufs)
 
-        def with_scratch(w_smem, a_smem, out_smem, g_smem, u_smem, h_smem, ma_smem, shared_ref,
-                         rs_smem, cs_smem, fx_smem, *bars):
+        def with_scratch(w_smem, a_smem, out_smem, g_smem, u_smem, h_smem, shared_ref,
+                         rs_smem, cs_smem, *bars):
             ((k_ref, v_ref, q_ref), o_ref, nrm_refs, (z_smem, zq_smem, xr0_smem),
-             (c_smem, m_smem)) = shared_ref
+             (c_smem, ma_smem, fx_smem)) = shared_ref
             inner(w_smem, a_smem, out_smem, z_smem, zq_smem, xr0_smem, g_smem, u_smem, h_smem,
-                  ((k_ref, v_ref), q_ref, o_ref, ma_smem), nrm_refs, c_smem, m_smem, rs_smem,
+                  ((k_ref, v_ref), q_ref, o_ref, ma_smem), nrm_refs, c_smem, rs_smem,
                   cs_smem, fx_smem, bars)
 
         pl.run_scoped(
@@ -694,11 +697,9 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
             plgpu.SMEM((R, SILU_W), bf16),
             plgpu.SMEM((R, SILU_W), bf16),
             plgpu.SMEM((R, SILU_W), bf16),
-            plgpu.SMEM((HD,), bf16),
             shared,
             plgpu.SMEM((64, R), f32),
             plgpu.SMEM((2, 2, 32, R), f32),
-            plgpu.SMEM((2, KVH, HD), bf16),
             plgpu.Barrier(num_barriers=S),
             plgpu.Barrier(num_barriers=S),
             plgpu.Barrier(num_barriers=S),
