@@ -85,6 +85,11 @@ def setup_decode_kernel(mode: str, module, cfg, params, dtype, block_size: int):
         if mode == "on":
             raise ValueError(f"decode_kernel: {reason}")
         return params, cfg, None
+    if block_size < decode_layers_mgpu.TC:
+        logger.info("decode kernel: %d-token pages take %d copies per %d-token split; "
+                    "block_size %d is faster (docs/performance.md, The decode kernel)",
+                    block_size, decode_layers_mgpu.TC // block_size, decode_layers_mgpu.TC,
+                    decode_layers_mgpu.TC)
     params, cfg = module.to_qk_halves(params, cfg)
     num_sms = jax.devices()[0].core_count
     weights = decode_layers_mgpu.prepare_weights(params["layers"])
