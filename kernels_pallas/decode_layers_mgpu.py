@@ -530,10 +530,6 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
             def consume_gemm(acc, l, p):
                 base = l * per_layer + off[p]
 
-                def release(slot):
-                    plgpu.barrier_arrive(a_free.at[slot])
-                    plgpu.barrier_arrive(w_free.at[slot])
-
                 @pl.loop(0, n[p])
                 def _(i):
                     j = base + i
@@ -542,17 +538,14 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                     plgpu.barrier_wait(a_full.at[slot])
                     plgpu.wgmma(acc, w_smem.at[slot].transpose((1, 0)),
                                 a_smem.at[slot].transpose((1, 0)))
-                    # one wgmma left in flight: the previous tile's is done, its slot free
-                    # (unless it ended a unit, whose flush freed it already)
-                    plgpu.wgmma_wait(1)
+                    plgpu.wgmma_wait(0)
+                    plgpu.barrier_arrive(a_free.at[slot])
+                    plgpu.barrier_arrive(w_free.at[slot])
                     f = start[p] + i
                     unit, k = lax.div(f, ks[p]), lax.rem(f, ks[p])
-                    pl.when((i > 0) & (k != 0))(lambda: release(lax.rem(j - 1 + S, S)))
 
                     @pl.when((k == ks[p] - 1) | (i == n[p] - 1))
                     def _():
-                        plgpu.wgmma_wait(0)
-                        release(slot)
                         v = acc[...]
                         acc[...] = plgpu.layout_cast(jnp.zeros_like(v), plgpu.Layout.WGMMA)
                         plgpu.wait_smem_to_gmem(0)  # out_smem free again
