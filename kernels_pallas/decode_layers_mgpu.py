@@ -113,27 +113,23 @@ def decode_layers(x_row, weights, kv_cache, block_table, pos, inv_freq, *, eps: 
                   num_sms: int, slots: int = 8):
     """Runs every layer for one decode token.
 
-    x_row [D] bf16 (the token's embedding); weights from prepare_weights; kv_cache a list of
-    (k, v) per layer, [num_blocks, block_size, KVH, HD], or one (k, v) pair stacked over the
-    layers, [L, num_blocks, ...] (the engine's cache is the former; the latter needs no choice
-    among L arrays in the kernel), updated in place (the new row at pos); block_table [P]
+    x_row [D] bf16 (the token's embedding); weights from prepare_weights; kv_cache (k, v),
+    each [L, num_blocks, block_size, KVH, HD] (stacked over layers, so that the kernel reaches
+    every layer's cache in one array), updated in place (the new row at pos); block_table [P]
     int32, the sequence's pages; pos int32 scalar, the token's position (its context is
     pos + 1 tokens, at most max_context). Returns (x [8, D] with row 0 the token's hidden
     state, rows 1-7 zero; kv_cache)."""
     new_ref = getattr(jax, "new_ref", None) or jax.ref.new_ref
-    stacked = not isinstance(kv_cache[0], (tuple, list))
-    refs = [new_ref(a) for a in kv_cache] if stacked else [
-        new_ref(a) for kv in kv_cache for a in kv]
+    if len(kv_cache) != 2 or kv_cache[0].ndim != 5:
+        raise ValueError("decode_layers takes the cache as one (k, v) pair stacked over layers")
+    refs = [new_ref(a) for a in kv_cache]
     x0 = jnp.zeros((R, x_row.shape[0]), jnp.bfloat16).at[0].set(x_row.astype(jnp.bfloat16))
     # pos and the pages in one new array: a kernel's inputs must be 256-byte aligned, which
     # slices of a larger buffer (as the runner's packed step arrays) need not be
     table = jnp.concatenate([jnp.reshape(pos, (1,)), block_table]).astype(jnp.int32)
     x = _call(x0, weights, refs, table, rope_rows(inv_freq, pos), eps=eps, num_sms=num_sms,
               slots=slots)
-    vals = [r[...] for r in refs]
-    if stacked:
-        return x, tuple(vals)
-    return x, [(vals[2 * i], vals[2 * i + 1]) for i in range(len(kv_cache))]
+    return x, tuple(r[...] for r in refs)
 
 
 def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
@@ -148,7 +144,6 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
     QH = GROUP * KVH
     # qkv stored as heads, with spare rows (zero) so that 64-row tiles fit; a multiple of 8
     QKV_ROWS = -(-(NQKV // HD + 64) // 8) * 8
-    stacked = cache_refs[0].ndim == 5   # one (k, v) pair over all layers
     bs = cache_refs[0].shape[-3]
     B, S = num_sms, slots
     NS = _splits(KVH, B)           # context splits per KV head
@@ -186,10 +181,8 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
 
     def body(*refs):
         x0_g, x0r_g, wqkv_g, wo_g, wgu_g, wd_g = refs[:6]
-        nc = len(cache_refs)
-        caches = refs[6:6 + nc]
-        tab_g, cs_g = refs[6 + nc:8 + nc]
-        x_g, xr_g, qkv_g, gu_g, h_g, a_g, part_g, inv_g = refs[8 + nc:]
+        k_cache, v_cache, tab_g, cs_g = refs[6:10]
+        x_g, xr_g, qkv_g, gu_g, h_g, a_g, part_g, inv_g = refs[10:]
         b = lax.axis_index("b")
         wg = lax.axis_index("wg")
         sems = pl.get_global(plgpu.SemaphoreType.REGULAR((n_bar + 2,)))
@@ -202,14 +195,9 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
         page_of = lambda i: tab_g[1 + i]
         new_page, new_row = page_of(lax.div(pos, bs)), lax.rem(pos, bs)   # the new token's slot
 
-        def per_layer_cache(l, fn):
-            """fn(k_ref, v_ref) for layer l's cache (a dynamic l picks one of L refs,
-            unless the cache is stacked over layers)."""
-            if stacked:
-                fn(caches[0].at[l], caches[1].at[l])
-                return
-            for i in range(L):
-                pl.when(l == i)(functools.partial(fn, caches[2 * i], caches[2 * i + 1]))
+        def layer_cache(l):
+            """(k, v) of layer l, [num_blocks, block_size, KVH, HD]."""
+            return k_cache.at[l], v_cache.at[l]
 
         def arrive(idx):
             plgpu.semaphore_signal(sems.at[idx], 1, memory_scope="gpu")
@@ -325,12 +313,9 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                 # them in the cache by inv0
                 wait_all(sem(l, ATT))
 
-                def load(k_ref, v_ref):
-                    for w, ref in enumerate((k_ref, v_ref)):
-                        plgpu.copy_gmem_to_smem(ref.at[new_page, new_row], fx_smem.at[w],
-                                                fx_bar.at[w])
-
-                per_layer_cache(l, load)
+                for w, ref in enumerate(layer_cache(l)):
+                    plgpu.copy_gmem_to_smem(ref.at[new_page, new_row], fx_smem.at[w],
+                                            fx_bar.at[w])
                 scale = inv_g[l, 0, 0, 0]
                 for w in range(2):
                     plgpu.barrier_wait(fx_bar.at[w])
@@ -339,11 +324,8 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                     fx_smem.at[w][...] = (rows.astype(f32) * scale).astype(bf16)
                 plgpu.commit_smem()
 
-                def store(k_ref, v_ref):
-                    for w, ref in enumerate((k_ref, v_ref)):
-                        plgpu.copy_smem_to_gmem(fx_smem.at[w], ref.at[new_page, new_row])
-
-                per_layer_cache(l, store)
+                for w, ref in enumerate(layer_cache(l)):
+                    plgpu.copy_smem_to_gmem(fx_smem.at[w], ref.at[new_page, new_row])
                 plgpu.wait_smem_to_gmem(0)
 
             def write_partial(o_smem, l, s, g, vals):
@@ -372,15 +354,13 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                 plgpu.copy_gmem_to_smem(qkv_g.at[l, 0, pl.ds(lax.div(g, 2) * 8, 64)], q_smem,
                                         q_bar)
 
-                def load(k_ref, v_ref):
-                    for j, (page, row) in enumerate(item_copies):
-                        rows = pl.ds(j * ROWS, ROWS)
-                        plgpu.copy_gmem_to_smem(k_ref.at[page, pl.ds(row, ROWS), g],
-                                                k_smem.at[rows], kv_bars.at[j])
-                        plgpu.copy_gmem_to_smem(v_ref.at[page, pl.ds(row, ROWS), g],
-                                                v_smem.at[rows], kv_bars.at[PPI + j])
-
-                per_layer_cache(l, load)
+                k_ref, v_ref = layer_cache(l)
+                for j, (page, row) in enumerate(item_copies):
+                    rows = pl.ds(j * ROWS, ROWS)
+                    plgpu.copy_gmem_to_smem(k_ref.at[page, pl.ds(row, ROWS), g],
+                                            k_smem.at[rows], kv_bars.at[j])
+                    plgpu.copy_gmem_to_smem(v_ref.at[page, pl.ds(row, ROWS), g],
+                                            v_smem.at[rows], kv_bars.at[PPI + j])
                 wait_all(nrm(l, 0), 1)
                 inv = inv_g[l, 0, 0, 0]
                 plgpu.barrier_wait(q_bar)
@@ -475,9 +455,8 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                     for w in range(2):
                         @pl.when(b == 2 * i + w)
                         def _():
-                            cache = caches[w].at[i] if stacked else caches[2 * i + w]
                             plgpu.copy_smem_to_gmem(zq_smem.at[pl.ds(0, KVH)],
-                                                    cache.at[new_page, new_row])
+                                                    layer_cache(i)[w].at[new_page, new_row])
 
                 plgpu.wait_smem_to_gmem(0)
 
@@ -569,15 +548,14 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                             lo = 2 * (QH + w * KVH)
                             hd = lax.div(unit, 2) - QH - w * KVH
 
-                            def add_row(k_ref, v_ref, w=w, hd=hd):
+                            def add_row(w=w, hd=hd):
                                 plgpu.copy_smem_to_gmem(
                                     out_smem.at[pl.ds(0, 1)],
-                                    (k_ref, v_ref)[w].at[new_page, pl.ds(new_row, 1), hd,
+                                    layer_cache(l)[w].at[new_page, pl.ds(new_row, 1), hd,
                                                          pl.ds(lax.rem(unit, 2) * COLS, COLS)],
                                     reduction_op="add")
 
-                            pl.when((unit >= lo) & (unit < lo + 2 * KVH))(
-                                lambda add_row=add_row: per_layer_cache(l, add_row))
+                            pl.when((unit >= lo) & (unit < lo + 2 * KVH))(add_row)
 
                 def rotated_store(half):
                     # rows j and 32 + j of the unit are a RoPE pair; half static (a dynamic

@@ -269,8 +269,8 @@ def forward_decode_kernel(params, kernel_weights, kv_cache, batch, cfg: ModelCon
                           num_sms: int):
     """A batch-1 decode step (sequence 0, one token) with every layer in the persistent decode
     kernel (kernels_pallas/decode_layers_mgpu.py; params in the halves layout, kernel_weights
-    from its prepare_weights). Same contract as forward; logits rows past the first are those
-    of zero hidden states."""
+    from its prepare_weights). Same contract as forward, with kv_cache as one (k, v) pair
+    stacked over layers; logits rows past the first are those of zero hidden states."""
     x, kv_cache = decode_layers_mgpu.decode_layers(
         params["embed"][batch["input_ids"][0]], kernel_weights, kv_cache,
         batch["block_tables"][0], batch["positions"][0], rope_inv_freq(cfg),
