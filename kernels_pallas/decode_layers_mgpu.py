@@ -120,7 +120,7 @@ def decode_layers(x_row, weights, kv_cache, block_table, pos, inv_freq, *, eps: 
     pos + 1 tokens, at most max_context). Returns (x [8, D] with row 0 the token's hidden
     state, rows 1-7 zero; kv_cache)."""
     new_ref = getattr(jax, "new_ref", None) or jax.ref.new_ref
-    if len(kv_cache) != 2 or kv_cache[0].ndim != 5:
+    if len(kv_cache) != 2 or any(getattr(a, "ndim", None) != 5 for a in kv_cache):
         raise ValueError("decode_layers takes the cache as one (k, v) pair stacked over layers")
     refs = [new_ref(a) for a in kv_cache]
     x0 = jnp.zeros((R, x_row.shape[0]), jnp.bfloat16).at[0].set(x_row.astype(jnp.bfloat16))

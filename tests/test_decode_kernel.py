@@ -126,6 +126,14 @@ def test_kernel_limits_are_named():
         mha, jnp.bfloat16, 16, 132)
 
 
+def test_kernel_takes_only_the_cache_stacked_over_layers():
+    per_layer = allocate_kv_cache(2, (4, 16, 2, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="stacked over layers"):
+        decode_layers_mgpu.decode_layers(jnp.zeros(1024, jnp.bfloat16), {}, per_layer,
+                                         jnp.zeros(4, jnp.int32), jnp.int32(0),
+                                         np.ones(64, np.float32), eps=1e-5, num_sms=132)
+
+
 def test_decode_kernel_on_needs_a_hopper_gpu(tmp_path):
     from atom_jax.engine import EngineCore
     if jax.default_backend() == "gpu":
