@@ -2,7 +2,8 @@
 each costs (wrong results): ATT = 0 runs no attention item and no merge (the barriers stay);
 SILU = 0 computes no SiLU step (its barrier stays); ROPE = 0 stores q/k unrotated; XR = 0
 adds no row into xr (the norms read stale sums); KV = 0 adds no new K/V rows into the cache
-and scales none; NOWAIT, a set of barrier kinds ("DN", "Q", "ATT", "CMB", "O", "G", "H",
+and scales none; WGMMA = 0 computes no GEMM tile (the tiles still stream through the slots);
+FLUSH = 0 adds no unit's sums into the outputs; NOWAIT, a set of barrier kinds ("DN", "Q", "ATT", "CMB", "O", "G", "H",
 "NRM"), skips the waits for those (the counts still go up, so the end's reset holds). Set
 the module's globals before tracing.
 
@@ -52,7 +53,7 @@ TC = 64                    # context tokens per attention item
 SILU_W = 128               # columns of h per block in the SiLU step
 Z_W = 256                  # columns per zeroing store
 GROUP = 4                  # query heads per KV head
-ATT, SILU, ROPE, XR, KV, NOWAIT = 1, 1, 1, 1, 1, frozenset()
+ATT, SILU, ROPE, XR, KV, WGMMA, FLUSH, NOWAIT = 1, 1, 1, 1, 1, 1, 1, frozenset()
 
 
 def unsupported_reason(cfg, dtype, block_size: int, num_sms: int) -> str | None:
@@ -528,15 +529,16 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                     slot = lax.rem(j, S)
                     plgpu.barrier_wait(w_full.at[slot])
                     plgpu.barrier_wait(a_full.at[slot])
-                    plgpu.wgmma(acc, w_smem.at[slot].transpose((1, 0)),
-                                a_smem.at[slot].transpose((1, 0)))
-                    plgpu.wgmma_wait(0)
+                    if WGMMA:
+                        plgpu.wgmma(acc, w_smem.at[slot].transpose((1, 0)),
+                                    a_smem.at[slot].transpose((1, 0)))
+                        plgpu.wgmma_wait(0)
                     plgpu.barrier_arrive(a_free.at[slot])
                     plgpu.barrier_arrive(w_free.at[slot])
                     f = start[p] + i
                     unit, k = lax.div(f, ks[p]), lax.rem(f, ks[p])
 
-                    @pl.when((k == ks[p] - 1) | (i == n[p] - 1))
+                    @pl.when(((k == ks[p] - 1) | (i == n[p] - 1)) & (FLUSH == 1))
                     def _():
                         v = acc[...]
                         acc[...] = plgpu.layout_cast(jnp.zeros_like(v), plgpu.Layout.WGMMA)

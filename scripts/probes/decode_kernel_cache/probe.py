@@ -4,8 +4,9 @@ timed in one process as:
   usual      the engine's usual step (llama.forward: XLA's kernels and the Triton attention)
   stacked    the decode kernel with the cache stacked over layers (one k and one v array)
   variant    as stacked, with kernel_variant.py (a copy with parts left out: :att=0,
-             :silu=0, :rope=0, :xr=0, :kv=0; and :nowait=<kinds joined by +> to skip the
-             waits for those barriers, e.g. :nowait=dn+q+att+cmb+o+g+h+nrm)
+             :silu=0, :rope=0, :xr=0, :kv=0, :wgmma=0, :flush=0; and :nowait=<kinds
+             joined by +> to skip the waits for those barriers, e.g.
+             :nowait=dn+q+att+cmb+o+g+h+nrm)
 each optionally with :bs=<page size> (16 by default), :pos=<n> (256 by default) and, for the
 kernel, :slots=<weight buffers> (8 by default), with each
 form's compile time, its step's span on the device timeline (kernels and the gaps between
@@ -13,6 +14,12 @@ them), and how far its logits are from the usual step's of the same bs and pos.
 
     python scripts/probes/decode_kernel_cache/probe.py [form[:bs=N][:pos=N] ...]
         [--lower-only]   (trace and lower for CUDA only: a check on a machine without GPU)
+
+Where the GEMM phases lose their time (wrong values, timing only):
+    python scripts/probes/decode_kernel_cache/probe.py usual:bs=64 stacked:bs=64 \
+        variant:bs=64:nowait=dn+q+att+cmb+o+g+h+nrm variant:bs=64:nowait=q+att+cmb \
+        variant:bs=64:nowait=g+h variant:bs=64:nowait=dn+o variant:bs=64:wgmma=0 \
+        variant:bs=64:flush=0
 
 JSON under $OUT."""
 import dataclasses, functools, json, os, sys, tempfile, time, types
@@ -53,8 +60,9 @@ L, KVH, HD = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
 def parse(name):
     kind, *rest = name.split(":")
     opts = {"bs": 16, "pos": 256, "slots": 8, "att": 1, "silu": 1, "rope": 1, "xr": 1, "kv": 1,
+            "wgmma": 1, "flush": 1,
             **{k: v if k == "nowait" else int(v) for k, v in (e.split("=") for e in rest)}}
-    for flag in ("att", "silu", "rope", "xr", "kv"):
+    for flag in ("att", "silu", "rope", "xr", "kv", "wgmma", "flush"):
         setattr(kernel_variant, flag.upper(), opts[flag])
     kernel_variant.NOWAIT = frozenset(opts.get("nowait", "").upper().split("+")) - {""}
     return kind, opts["bs"], opts["pos"], opts["slots"]
