@@ -3,7 +3,10 @@ each costs (wrong results): ATT = 0 runs no attention item and no merge (the bar
 SILU = 0 computes no SiLU step (its barrier stays); ROPE = 0 stores q/k unrotated; XR = 0
 adds no row into xr (the norms read stale sums); KV = 0 adds no new K/V rows into the cache
 and scales none; WGMMA = 0 computes no GEMM tile (the tiles still stream through the slots);
-FLUSH = 0 adds no unit's sums into the outputs; NOWAIT, a set of barrier kinds ("DN", "Q", "ATT", "CMB", "O", "G", "H",
+FLUSH = 0 adds no unit's sums into the outputs; FLAGS = 1 (right values) has the activation
+stream of the gate/up and down projections, of the next layer's q/k/v and the SiLU step wait
+for the 128-column chunks they read (counters that the flushes of the units in them count
+up, kept over the layers), not for the grid barriers after o, gate/up, SiLU and down; NOWAIT, a set of barrier kinds ("DN", "Q", "ATT", "CMB", "O", "G", "H",
 "NRM"), skips the waits for those (the counts still go up, so the end's reset holds). Set
 the module's globals before tracing.
 
@@ -53,7 +56,7 @@ TC = 64                    # context tokens per attention item
 SILU_W = 128               # columns of h per block in the SiLU step
 Z_W = 256                  # columns per zeroing store
 GROUP = 4                  # query heads per KV head
-ATT, SILU, ROPE, XR, KV, WGMMA, FLUSH, NOWAIT = 1, 1, 1, 1, 1, 1, 1, frozenset()
+ATT, SILU, ROPE, XR, KV, WGMMA, FLUSH, FLAGS, NOWAIT = 1, 1, 1, 1, 1, 1, 1, 0, frozenset()
 
 
 def unsupported_reason(cfg, dtype, block_size: int, num_sms: int) -> str | None:
@@ -195,7 +198,31 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
         x_g, xr_g, qkv_g, gu_g, h_g, a_g, part_g, inv_g = refs[10:]
         b = lax.axis_index("b")
         wg = lax.axis_index("wg")
-        sems = pl.get_global(plgpu.SemaphoreType.REGULAR((n_bar + 2,)))
+        # chunk counters (FLAGS): x after o, x after down, gate/up, h; one per 128 columns
+        NX, NSB, NG = D // HD, F // SILU_W, F // COLS
+        F0 = n_bar + 2
+        NF = 2 * NX + 2 * NSB if FLAGS else 0
+        sems = pl.get_global(plgpu.SemaphoreType.REGULAR((n_bar + 2 + NF,)))
+
+        def contrib(p, u):   # blocks whose tiles add into unit u of GEMM p
+            return lax.div((u + 1) * ks[p] - 1, per[p]) - lax.div(u * ks[p], per[p]) + 1
+
+        def chunk_flag(p, u):   # the counter that unit u's flush counts up
+            return [None, F0 + lax.div(u, 2), F0 + 2 * NX + lax.div(lax.rem(u, NG), 2),
+                    F0 + NX + lax.div(u, 2)][p]
+
+        def chunk_total(j):   # flushes into counter j per layer
+            k = j - F0
+            cx = lambda p, c: contrib(p, 2 * c) + contrib(p, 2 * c + 1)
+            kg = jnp.clip(k - 2 * NX, 0, NSB - 1)
+            cg = cx(2, kg) + cx(2, kg + NG // 2)
+            return jnp.where(k < NX, cx(1, jnp.clip(k, 0, NX - 1)),
+                             jnp.where(k < 2 * NX, cx(3, jnp.clip(k - NX, 0, NX - 1)),
+                                       jnp.where(k < 2 * NX + NSB, cg, 1)))
+
+        def wait_chunk(j, layers_done):
+            plgpu.semaphore_wait(sems.at[j], layers_done * chunk_total(j), decrement=False,
+                                 memory_scope="gpu")
         start = [b * pp for pp in per]
         n = [jnp.clip(t - s, 0, pp) for t, s, pp in zip(tot, start, per)]
         per_layer = n[0] + n[1] + n[2] + n[3]
@@ -255,11 +282,19 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                     for p in range(4):
                         dep = [jnp.where(l == 0, 0, sem(l - 1, DN)), sem(l, CMB), sem(l, O_),
                                sem(l, H_)][p]
-                        wait_all(dep, kind=["DN", "CMB", "O", "H"][p])
+                        if FLAGS and p != 1:
+                            if p == 0:
+                                pl.when(l == 0)(lambda: wait_all(0))
+                        else:
+                            wait_all(dep, kind=["DN", "CMB", "O", "H"][p])
                         src = [x_g, a_g.at[l], x_g, h_g.at[l]][p]
 
-                        def a_tile(i, p=p, src=src):
+                        def a_tile(i, p=p, src=src, l=l):
                             k = lax.rem(start[p] + i, ks[p])
+                            if FLAGS and p != 1:
+                                j, done = [(F0 + NX + k, l), None, (F0 + k, l + 1),
+                                           (F0 + 2 * NX + NSB + k, l + 1)][p]
+                                wait_chunk(j, done)
                             return src.at[:, pl.ds(k * HD, HD)]
 
                         stream(l, p, a_tile, a_smem, a_full, a_free)
@@ -520,6 +555,16 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                     def _():
                         plgpu.semaphore_wait(sems.at[idx], final_count(idx), memory_scope="gpu")
 
+                if FLAGS:   # the chunk counters back to zero too
+                    @pl.loop(0, -(-NF // B))
+                    def _(t):
+                        j = F0 + b + t * B
+
+                        @pl.when(j < F0 + NF)
+                        def _():
+                            plgpu.semaphore_wait(sems.at[j], L * chunk_total(j),
+                                                 memory_scope="gpu")
+
             def consume_gemm(acc, l, p):
                 base = l * per_layer + off[p]
 
@@ -543,7 +588,15 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                         v = acc[...]
                         acc[...] = plgpu.layout_cast(jnp.zeros_like(v), plgpu.Layout.WGMMA)
                         plgpu.wait_smem_to_gmem(0)  # out_smem free again
+                        if FLAGS and p == 3:
+                            # x is read by every block's gate/up tiles: add into it only once
+                            # all are past them (no block waits for all chunks otherwise)
+                            wait_all(sem(l, G_))
                         flush(l, p, unit, v)
+                        if FLAGS and p != 0:   # the unit's sums are in: count its chunk up
+                            plgpu.wait_smem_to_gmem(0)
+                            plgpu.semaphore_signal(sems.at[chunk_flag(p, unit)], 1,
+                                                   memory_scope="gpu")
 
             def flush(l, p, unit, v):
                 """A unit's partial sums (v, [64 columns, 8 rows]) added into the output."""
@@ -622,7 +675,10 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                     arrive(sem(l, CMB))
                 if p == 2:
                     # h = silu(inv1 gate) * (inv1 up), SILU_W columns per block
-                    wait_all(sem(l, G_), kind="G")
+                    if FLAGS:
+                        pl.when(b < NSB)(lambda: wait_chunk(F0 + 2 * NX + b, l + 1))
+                    else:
+                        wait_all(sem(l, G_), kind="G")
 
                     @pl.when((b < F // SILU_W) & (SILU == 1))
                     def _():
@@ -640,6 +696,9 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                         plgpu.commit_smem()
                         plgpu.copy_smem_to_gmem(h_smem, h_g.at[l, :, cols])
                         plgpu.wait_smem_to_gmem(0)
+                        if FLAGS:
+                            plgpu.semaphore_signal(sems.at[F0 + 2 * NX + NSB + b], 1,
+                                                   memory_scope="gpu")
 
                     arrive(sem(l, H_))
 

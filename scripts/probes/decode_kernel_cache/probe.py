@@ -6,7 +6,9 @@ timed in one process as:
   variant    as stacked, with kernel_variant.py (a copy with parts left out: :att=0,
              :silu=0, :rope=0, :xr=0, :kv=0, :wgmma=0, :flush=0; and :nowait=<kinds
              joined by +> to skip the waits for those barriers, e.g.
-             :nowait=dn+q+att+cmb+o+g+h+nrm)
+             :nowait=dn+q+att+cmb+o+g+h+nrm; all of those give wrong values. :flags=1
+             (right values) has the GEMM streams wait for the chunks they read instead
+             of the grid barriers after o, gate/up, SiLU and down)
 each optionally with :bs=<page size> (16 by default), :pos=<n> (256 by default) and, for the
 kernel, :slots=<weight buffers> (8 by default), with each
 form's compile time, its step's span on the device timeline (kernels and the gaps between
@@ -19,7 +21,7 @@ Where the GEMM phases lose their time (wrong values, timing only):
     python scripts/probes/decode_kernel_cache/probe.py usual:bs=64 stacked:bs=64 \
         variant:bs=64:nowait=dn+q+att+cmb+o+g+h+nrm variant:bs=64:nowait=q+att+cmb \
         variant:bs=64:nowait=g+h variant:bs=64:nowait=dn+o variant:bs=64:wgmma=0 \
-        variant:bs=64:flush=0
+        variant:bs=64:flush=0 variant:bs=64:flags=1
 
 JSON under $OUT."""
 import dataclasses, functools, json, os, sys, tempfile, time, types
@@ -60,9 +62,9 @@ L, KVH, HD = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
 def parse(name):
     kind, *rest = name.split(":")
     opts = {"bs": 16, "pos": 256, "slots": 8, "att": 1, "silu": 1, "rope": 1, "xr": 1, "kv": 1,
-            "wgmma": 1, "flush": 1,
+            "wgmma": 1, "flush": 1, "flags": 0,
             **{k: v if k == "nowait" else int(v) for k, v in (e.split("=") for e in rest)}}
-    for flag in ("att", "silu", "rope", "xr", "kv", "wgmma", "flush"):
+    for flag in ("att", "silu", "rope", "xr", "kv", "wgmma", "flush", "flags"):
         setattr(kernel_variant, flag.upper(), opts[flag])
     kernel_variant.NOWAIT = frozenset(opts.get("nowait", "").upper().split("+")) - {""}
     return kind, opts["bs"], opts["pos"], opts["slots"]
