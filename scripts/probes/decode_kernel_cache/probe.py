@@ -3,7 +3,7 @@ shape (dummy weights, a context of pos tokens plus the new one, pages in a shuff
 timed in one process as:
   usual      the engine's usual step (llama.forward: XLA's kernels and the Triton attention)
   stacked    the decode kernel with the cache stacked over layers (one k and one v array)
-  variant    as stacked, with kernel_variant.py (a copy with parts left out: :att=0,
+  variant    as stacked, with kernel_variant.py (the kernel with parts left out: :att=0,
              :silu=0, :rope=0, :xr=0, :kv=0, :wgmma=0, :flush=0; and :nowait=<kinds
              joined by +> to skip the waits for those barriers, e.g.
              :nowait=dn+q+att+cmb+o+g+h+nrm; all of those give wrong values. :flags=1
