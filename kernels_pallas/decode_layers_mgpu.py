@@ -18,17 +18,17 @@ scale of the GEMM's sums, applied where they are read:
   phase 1: x += a @ Wo
   norm 1:  inv1, during phase 2
   phase 2: gu = x @ Wgate_up
-  silu:    h = silu(inv1 gate) * (inv1 up)
-  phase 3: x += h @ Wdown
+  phase 3: x += h @ Wdown, h = silu(inv1 gate) * (inv1 up) made tile by tile as it is read
 Block 0's norm warpgroup also scales the new K/V rows in the cache once the items have read
 them. q/k use the "halves" order of head dimensions (models/llama.py), where each 64-column
 half of a head holds whole RoPE pairs.
 
 GEMMs: each GEMM's (64-column unit, K step) tiles laid end to end, an equal run per block, the
 partial sums added into the output by TMA (bf16); a grid barrier on global semaphores between
-steps. Warpgroup 0 computes (wgmma, flushes, attention items, merges, SiLU); 1 streams weight
-tiles through `slots` buffers; 2 streams activation tiles after each step's barrier; 3 (block
-0 only) computes the norms. The semaphores persist from call to call: at the end every block
+steps. Warpgroup 0 computes (wgmma, flushes, attention items, merges); 1 streams weight
+tiles through `slots` buffers; 2 streams activation tiles after each step's barrier (for the
+down projection it makes each h tile from a gate tile and an up tile, so that no SiLU step
+and barrier stand between gate/up and down); 3 (block 0 only) computes the norms. The semaphores persist from call to call: at the end every block
 counts in once more, then each returns its share of the counters to zero.
 """
 from __future__ import annotations
@@ -41,9 +41,9 @@ from jax import lax
 
 R, COLS, HD = 8, 64, 128   # rows of x, columns per weight unit, head size (= K step)
 TC = 64                    # context tokens per attention item
-SILU_W = 128               # columns of h per block in the SiLU step
 Z_W = 256                  # columns per zeroing store
 GROUP = 4                  # query heads per KV head
+H_AHEAD = 4                # h tiles whose gate/up copies are in flight
 
 
 def unsupported_reason(cfg, dtype, block_size: int, num_sms: int) -> str | None:
@@ -53,11 +53,11 @@ def unsupported_reason(cfg, dtype, block_size: int, num_sms: int) -> str | None:
     if cfg.head_dim != HD or cfg.num_heads != GROUP * cfg.num_kv_heads:
         return f"needs head_dim {HD} and {GROUP} query heads per KV head"
     d, f = cfg.hidden_size, cfg.intermediate_size
-    if d % Z_W or d // 64 > 64 or f % SILU_W:
+    if d % Z_W or d // 64 > 64 or f % HD:
         return "hidden size must be a multiple of 256 up to 4096, intermediate of 128"
     if jnp.dtype(dtype) != jnp.bfloat16:
         return "bfloat16 only"
-    if max_splits(cfg, num_sms) < 1 or f // SILU_W > num_sms or cfg.num_heads > num_sms \
+    if max_splits(cfg, num_sms) < 1 or cfg.num_heads > num_sms \
             or 2 * cfg.num_layers > num_sms:
         return f"too large for {num_sms} blocks"
     if block_size & (block_size - 1):
@@ -150,15 +150,15 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
     NI = KVH * NS                  # attention items, on blocks 1 .. NI
     ROWS = min(bs, TC)             # cache rows per TMA copy of an item
     PPI = TC // ROWS               # copies per item (pages, or one page's part)
-    assert D // 64 <= 64 and QH <= B and F // SILU_W <= B and D // Z_W < B and 2 * L <= B
+    assert D // 64 <= 64 and QH <= B and D // Z_W < B and 2 * L <= B
     shapes = [(D, NQKV), (D, D), (D, 2 * F), (F, D)]
     ks = [k // HD for k, _ in shapes]
     tot = [(n // COLS) * kk for (_, n), kk in zip(shapes, ks)]
     per = [-(-t // B) for t in tot]
     # semaphores: 0 start; then per layer one per step in `kinds` and two for the norms
     # (counted by one block); then DONE and GO for the reset at the end
-    Q_, ATT, CMB, O_, G_, H_, DN = range(7)
-    kinds = [Q_, ATT, CMB, O_, G_, H_, DN]
+    Q_, ATT, CMB, O_, G_, DN = range(6)
+    kinds = [Q_, ATT, CMB, O_, G_, DN]
     stride = len(kinds) + 2
     n_bar = 1 + stride * L
     DONE, GO = n_bar, n_bar + 1
@@ -182,7 +182,7 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
     def body(*refs):
         x0_g, x0r_g, wqkv_g, wo_g, wgu_g, wd_g = refs[:6]
         k_cache, v_cache, tab_g, cs_g = refs[6:10]
-        x_g, xr_g, qkv_g, gu_g, h_g, a_g, part_g, inv_g = refs[10:]
+        x_g, xr_g, qkv_g, gu_g, a_g, part_g, inv_g = refs[10:]
         b = lax.axis_index("b")
         wg = lax.axis_index("wg")
         sems = pl.get_global(plgpu.SemaphoreType.REGULAR((n_bar + 2,)))
@@ -210,14 +210,15 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
             unit, k = lax.div(f, ks[p]), lax.rem(f, ks[p])
             return w_src[p].at[l, unit, pl.ds(k * HD, HD), :]
 
-        def inner(w_smem, a_smem, out_smem, z_smem, zq_smem, xr0_smem, g_smem, u_smem, h_smem,
+        def inner(w_smem, a_smem, u_smem, out_smem, z_smem, zq_smem, xr0_smem,
                   att, nrm_bufs, c_smem, rs_smem, cs_smem, fx_smem, bars):
-            (w_full, a_full, w_free, a_free, xbar, gbar, ubar, kv_bars, q_bar, c_bars, nbar,
+            (w_full, a_full, w_free, a_free, gu_full, xbar, kv_bars, q_bar, c_bars, nbar,
              fx_bar) = bars
             (k_smem, v_smem), q_smem, o_smem, ma_smem = att
 
-            def stream(l, p, tile, bufs, full, free):
-                # GEMM p's tiles of this block, in order, through the S slots of bufs
+            def stream(l, p, copies, free):
+                # GEMM p's tiles of this block, in order, through S slots: copies lists
+                # (tile, slot buffers, full barriers), the copies each slot takes per tile
                 base = l * per_layer + off[p]
 
                 @pl.loop(0, n[p])
@@ -229,30 +230,70 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                     def _():
                         plgpu.barrier_wait(free.at[slot])
 
-                    plgpu.copy_gmem_to_smem(tile(i), bufs.at[slot], full.at[slot])
+                    for tile, bufs, full in copies:
+                        plgpu.copy_gmem_to_smem(tile(i), bufs.at[slot], full.at[slot])
 
             def _weights():
                 @pl.loop(0, L)
                 def _(l):
                     for p in range(4):
-                        stream(l, p, functools.partial(w_tile, p, l), w_smem, w_full, w_free)
+                        stream(l, p, [(functools.partial(w_tile, p, l), w_smem, w_full)], w_free)
 
             def _activations():
                 @pl.loop(0, L)
                 def _(l):
                     for p in range(4):
                         dep = [jnp.where(l == 0, 0, sem(l - 1, DN)), sem(l, CMB), sem(l, O_),
-                               sem(l, H_)][p]
+                               sem(l, G_)][p]
                         wait_all(dep)
-                        src = [x_g, a_g.at[l], x_g, h_g.at[l]][p]
+                        src = [x_g, a_g.at[l], x_g, gu_g.at[l]][p]
 
-                        def a_tile(i, p=p, src=src):
+                        def a_tile(i, p=p, src=src, at=0):
                             k = lax.rem(start[p] + i, ks[p])
-                            return src.at[:, pl.ds(k * HD, HD)]
+                            return src.at[:, pl.ds(at + k * HD, HD)]
 
-                        stream(l, p, a_tile, a_smem, a_full, a_free)
+                        if p < 3:
+                            stream(l, p, [(a_tile, a_smem, a_full)], a_free)
+                        else:
+                            h_stream(l, a_tile)
 
                 arrive(DONE)
+
+            def h_stream(l, gu_tile):
+                """The down GEMM's activation tiles: h = silu(inv1 gate) * (inv1 up), made here
+                tile by tile (tile k of h from gate's tile k and up's, copied H_AHEAD tiles
+                ahead) and written over the gate tile in its slot."""
+                p = 3
+                base = l * per_layer + off[p]
+                wait_all(nrm(l, 1), 1)
+                inv1 = inv_g[l, 1, 0, 0]
+                ld = lambda ref: plgpu.load(ref.T, (), layout=plgpu.Layout.WGMMA_TRANSPOSED)
+
+                @pl.loop(0, n[p] + H_AHEAD)
+                def _(i):
+                    @pl.when(i >= H_AHEAD)
+                    def _():
+                        slot = lax.rem(base + i - H_AHEAD, S)
+                        plgpu.barrier_wait(gu_full.at[slot])
+                        # read and written as the transposes ([K, 8], the wgmma's operand)
+                        g = ld(a_smem.at[slot]).astype(f32) * inv1
+                        u = ld(u_smem.at[slot]).astype(f32) * inv1
+                        a_smem.at[slot].T[...] = (g / (1.0 + jnp.exp(-g)) * u).astype(bf16)
+                        plgpu.commit_smem()
+                        plgpu.barrier_arrive(a_full.at[slot])
+
+                    @pl.when(i < n[p])
+                    def _():
+                        j = base + i
+                        slot = lax.rem(j, S)
+
+                        @pl.when(j >= S)
+                        def _():
+                            plgpu.barrier_wait(a_free.at[slot])
+
+                        plgpu.copy_gmem_to_smem(gu_tile(i), a_smem.at[slot], gu_full.at[slot])
+                        plgpu.copy_gmem_to_smem(gu_tile(i, at=F), u_smem.at[slot],
+                                                gu_full.at[slot])
 
             def _norms():
                 xr_smem, hi_smem, lo_smem, inv_smem = nrm_bufs
@@ -605,28 +646,6 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                         merge(l)
 
                     arrive(sem(l, CMB))
-                if p == 2:
-                    # h = silu(inv1 gate) * (inv1 up), SILU_W columns per block
-                    wait_all(sem(l, G_))
-
-                    @pl.when(b < F // SILU_W)
-                    def _():
-                        cols = pl.ds(b * SILU_W, SILU_W)
-                        plgpu.copy_gmem_to_smem(gu_g.at[l, :, cols], g_smem, gbar)
-                        plgpu.copy_gmem_to_smem(gu_g.at[l, :, pl.ds(F + b * SILU_W, SILU_W)],
-                                                u_smem, ubar)
-                        wait_all(nrm(l, 1), 1)
-                        inv1 = inv_g[l, 1, 0, 0]
-                        plgpu.barrier_wait(gbar)
-                        plgpu.barrier_wait(ubar)
-                        g = g_smem[...].astype(f32) * inv1
-                        u = u_smem[...].astype(f32) * inv1
-                        h_smem[...] = (g / (1.0 + jnp.exp(-g)) * u).astype(h_smem.dtype)
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(h_smem, h_g.at[l, :, cols])
-                        plgpu.wait_smem_to_gmem(0)
-
-                    arrive(sem(l, H_))
 
             # the warpgroups' jobs (defined above, since pl.when traces its body at once)
             pl.when(wg == 1)(_weights)
@@ -654,11 +673,10 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
         shared = plgpu.RefUnion(att_bufs, plgpu.SMEM((64, HD), f32), norm_bufs, start_bufs,
                                 merge_bufs)
 
-        def with_scratch(w_smem, a_smem, out_smem, g_smem, u_smem, h_smem, shared_ref,
-                         rs_smem, cs_smem, *bars):
+        def with_scratch(w_smem, a_smem, u_smem, out_smem, shared_ref, rs_smem, cs_smem, *bars):
             ((k_ref, v_ref, q_ref), o_ref, nrm_refs, (z_smem, zq_smem, xr0_smem),
              (c_smem, ma_smem, fx_smem)) = shared_ref
-            inner(w_smem, a_smem, out_smem, z_smem, zq_smem, xr0_smem, g_smem, u_smem, h_smem,
+            inner(w_smem, a_smem, u_smem, out_smem, z_smem, zq_smem, xr0_smem,
                   ((k_ref, v_ref), q_ref, o_ref, ma_smem), nrm_refs, c_smem, rs_smem,
                   cs_smem, fx_smem, bars)
 
@@ -666,10 +684,8 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
             with_scratch,
             plgpu.SMEM((S, HD, COLS), bf16, transforms=tf),
             plgpu.SMEM((S, R, HD), bf16, transforms=tf),
+            plgpu.SMEM((S, R, HD), bf16, transforms=tf),   # the up tiles of the down GEMM
             plgpu.SMEM((R, COLS), bf16),
-            plgpu.SMEM((R, SILU_W), bf16),
-            plgpu.SMEM((R, SILU_W), bf16),
-            plgpu.SMEM((R, SILU_W), bf16),
             shared,
             plgpu.SMEM((64, R), f32),
             plgpu.SMEM((2, 2, 32, R), f32),
@@ -677,8 +693,7 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
             plgpu.Barrier(num_barriers=S),
             plgpu.Barrier(num_barriers=S),
             plgpu.Barrier(num_barriers=S),
-            plgpu.Barrier(),
-            plgpu.Barrier(),
+            plgpu.Barrier(num_arrivals=2, num_barriers=S),   # a gate tile and an up tile
             plgpu.Barrier(),
             plgpu.Barrier(num_barriers=2 * PPI),
             plgpu.Barrier(),
@@ -692,7 +707,6 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                 jax.ShapeDtypeStruct((64, 64), bf16),               # xr: x[0] as D/64 x 64
                 jax.ShapeDtypeStruct((L, R, QKV_ROWS, HD), bf16),   # qkv
                 jax.ShapeDtypeStruct((L, R, 2 * F), bf16),          # gu
-                jax.ShapeDtypeStruct((L, R, F), bf16),              # h
                 jax.ShapeDtypeStruct((L, R, D), bf16),              # a
                 jax.ShapeDtypeStruct((L, NS, KVH, 3, 8, HD), f32),  # the items' partial results
                 jax.ShapeDtypeStruct((L, 2, 8, 64), f32))           # inverse RMS, broadcast

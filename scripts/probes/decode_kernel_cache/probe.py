@@ -6,7 +6,8 @@ timed in one process as:
   before     as stacked, with the kernel as it was at 55e1889 (kernel_before.py: a SiLU
              step and its barrier between gate/up and down)
 each optionally with :bs=<page size> (16 by default), :pos=<n> (256 by default) and, for the
-kernel, :slots=<weight buffers> (8 by default), with each
+kernel, :slots=<weight buffers> (8 by default) and :ahead=<h tiles whose gate/up copies are
+in flight> (4 by default), with each
 form's compile time, its step's span on the device timeline (kernels and the gaps between
 them), and how far its logits are from the usual step's of the same bs and pos.
 
@@ -15,7 +16,7 @@ them), and how far its logits are from the usual step's of the same bs and pos.
 
 The kernel against the one before, with 64-token pages:
     python scripts/probes/decode_kernel_cache/probe.py usual:bs=64 before:bs=64 stacked:bs=64 \
-        before:bs=64 stacked:bs=64
+        before:bs=64 stacked:bs=64 stacked:bs=64:ahead=2 stacked:bs=64:ahead=6
 
 JSON under $OUT."""
 import dataclasses, functools, json, os, sys, tempfile, time, types
@@ -56,6 +57,7 @@ L, KVH, HD = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
 def parse(name):
     kind, *rest = name.split("#")[0].split(":")
     opts = {"bs": 16, "pos": 256, "slots": 8, **{k: int(v) for k, v in (e.split("=") for e in rest)}}
+    decode_layers_mgpu.H_AHEAD = opts.get("ahead", 4)
     return kind, opts["bs"], opts["pos"], opts["slots"]
 
 
