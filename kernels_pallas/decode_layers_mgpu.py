@@ -25,9 +25,7 @@ half of a head holds whole RoPE pairs.
 
 GEMMs: each GEMM's (64-column unit, K step) tiles laid end to end, an equal run per block, the
 partial sums added into the output by TMA (bf16); a grid barrier on global semaphores between
-steps. Each block's consumer takes the first W_REGS weight tiles of a GEMM into registers
-before it waits for the GEMM's activations, freeing their slots, so that the weight stream
-runs on by that many tiles more through the barrier before the GEMM. Warpgroup 0 computes (wgmma, flushes, attention items, merges); 1 streams weight
+steps. Warpgroup 0 computes (wgmma, flushes, attention items, merges); 1 streams weight
 tiles through `slots` buffers; 2 streams activation tiles after each step's barrier (for the
 down projection it makes each h tile from a gate tile and an up tile, so that no SiLU step
 and barrier stand between gate/up and down); 3 (block 0 only) computes the norms. The semaphores persist from call to call: at the end every block
@@ -46,7 +44,6 @@ TC = 64                    # context tokens per attention item
 Z_W = 256                  # columns per zeroing store
 GROUP = 4                  # query heads per KV head
 H_AHEAD = 4                # h tiles whose gate/up copies are in flight
-W_REGS = 2                 # weight tiles a GEMM's consumer holds in registers
 
 
 def unsupported_reason(cfg, dtype, block_size: int, num_sms: int) -> str | None:
@@ -83,11 +80,9 @@ def max_context(cfg, num_sms: int) -> int:
 
 
 def tile_weight(w):
-    """[K, N] -> [N / 64 * K / 128, 64, 128]: tile unit * K / 128 + k holds columns 64 unit ..
-    of rows 128 k .., transposed (the GEMM's left operand, K contiguous), one contiguous run."""
+    """[K, N] -> [N / 64, K, 64]: each 64-column unit one contiguous run."""
     k, n = w.shape
-    t = w.reshape(k // HD, HD, n // COLS, COLS)
-    return jnp.transpose(t, (2, 0, 3, 1)).reshape(-1, COLS, HD)
+    return jnp.moveaxis(w.reshape(k, n // COLS, COLS), 1, 0)
 
 
 @jax.jit
@@ -143,8 +138,8 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     wqkv, wo, wgu, wd = weights["wqkv"], weights["wo"], weights["wgu"], weights["wd"]
-    L, D = wqkv.shape[0], x0.shape[1]
-    NQKV, F = wqkv.shape[1] * COLS * HD // D, wgu.shape[1] * COLS * HD // D // 2
+    L, D = wqkv.shape[0], wqkv.shape[2]
+    NQKV, F = wqkv.shape[1] * COLS, wgu.shape[1] * COLS // 2
     KVH = NQKV // HD // (GROUP + 2)
     QH = GROUP * KVH
     # qkv stored as heads, with spare rows (zero) so that 64-row tiles fit; a multiple of 8
@@ -159,7 +154,7 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
     shapes = [(D, NQKV), (D, D), (D, 2 * F), (F, D)]
     ks = [k // HD for k, _ in shapes]
     tot = [(n // COLS) * kk for (_, n), kk in zip(shapes, ks)]
-    held = [min(W_REGS, t // B) for t in tot]   # tiles in registers (every block has as many)
+    per = [-(-t // B) for t in tot]
     # semaphores: 0 start; then per layer one per step in `kinds` and two for the norms
     # (counted by one block); then DONE and GO for the reset at the end
     Q_, ATT, CMB, O_, G_, DN = range(6)
@@ -191,8 +186,8 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
         b = lax.axis_index("b")
         wg = lax.axis_index("wg")
         sems = pl.get_global(plgpu.SemaphoreType.REGULAR((n_bar + 2,)))
-        start = [lax.div(b * t, B) for t in tot]
-        n = [lax.div((b + 1) * t, B) - s for t, s in zip(tot, start)]
+        start = [b * pp for pp in per]
+        n = [jnp.clip(t - s, 0, pp) for t, s, pp in zip(tot, start, per)]
         per_layer = n[0] + n[1] + n[2] + n[3]
         off = [0, n[0], n[0] + n[1], n[0] + n[1] + n[2]]
         w_src = [wqkv_g, wo_g, wgu_g, wd_g]
@@ -211,7 +206,9 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
             plgpu.semaphore_wait(sems.at[idx], count, decrement=False, memory_scope="gpu")
 
         def w_tile(p, l, i):
-            return w_src[p].at[l, start[p] + i]
+            f = start[p] + i
+            unit, k = lax.div(f, ks[p]), lax.rem(f, ks[p])
+            return w_src[p].at[l, unit, pl.ds(k * HD, HD), :]
 
         def inner(w_smem, a_smem, u_smem, out_smem, z_smem, zq_smem, xr0_smem,
                   att, nrm_bufs, c_smem, rs_smem, cs_smem, fx_smem, bars):
@@ -526,10 +523,9 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                 def consume(acc):
                     @pl.loop(0, L)
                     def _(l):
-                        held_w = None
                         for p in range(4):
-                            consume_gemm(acc, l, p, pull(l, p) if held_w is None else held_w)
-                            held_w = after_gemm(l, p)
+                            consume_gemm(acc, l, p)
+                            after_gemm(l, p)
 
                 pl.run_scoped(consume, plgpu.ACC((COLS, R), f32))
                 # Every block is past every barrier once all have counted in here (the other
@@ -551,32 +547,20 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                     def _():
                         plgpu.semaphore_wait(sems.at[idx], final_count(idx), memory_scope="gpu")
 
-            def pull(l, p):
-                """GEMM p's first held[p] weight tiles into registers, their slots freed."""
-                base = l * per_layer + off[p]
-                tiles = []
-                for i in range(held[p]):
-                    slot = lax.rem(base + i, S)
-                    plgpu.barrier_wait(w_full.at[slot])
-                    tiles.append(plgpu.load(w_smem.at[slot], (), layout=plgpu.Layout.WGMMA))
-                    plgpu.barrier_arrive(w_free.at[slot])
-                return tiles
-
-            def consume_gemm(acc, l, p, held_w):
+            def consume_gemm(acc, l, p):
                 base = l * per_layer + off[p]
 
-                def tile(i, w):   # w: the tile's weights in registers, or None (in its slot)
+                @pl.loop(0, n[p])
+                def _(i):
                     j = base + i
                     slot = lax.rem(j, S)
-                    if w is None:
-                        plgpu.barrier_wait(w_full.at[slot])
+                    plgpu.barrier_wait(w_full.at[slot])
                     plgpu.barrier_wait(a_full.at[slot])
-                    plgpu.wgmma(acc, w_smem.at[slot] if w is None else w,
+                    plgpu.wgmma(acc, w_smem.at[slot].transpose((1, 0)),
                                 a_smem.at[slot].transpose((1, 0)))
                     plgpu.wgmma_wait(0)
                     plgpu.barrier_arrive(a_free.at[slot])
-                    if w is None:
-                        plgpu.barrier_arrive(w_free.at[slot])
+                    plgpu.barrier_arrive(w_free.at[slot])
                     f = start[p] + i
                     unit, k = lax.div(f, ks[p]), lax.rem(f, ks[p])
 
@@ -586,13 +570,6 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                         acc[...] = plgpu.layout_cast(jnp.zeros_like(v), plgpu.Layout.WGMMA)
                         plgpu.wait_smem_to_gmem(0)  # out_smem free again
                         flush(l, p, unit, v)
-
-                for i, w in enumerate(held_w):
-                    tile(i, w)
-
-                @pl.loop(len(held_w), n[p])
-                def _(i):
-                    tile(i, None)
 
             def flush(l, p, unit, v):
                 """A unit's partial sums (v, [64 columns, 8 rows]) added into the output."""
@@ -652,13 +629,9 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                     plain_store(vt)
 
             def after_gemm(l, p):
-                """Returns the next GEMM's weight tiles when it takes them into registers
-                (for o, before the attention's barriers), else None."""
                 plgpu.wait_smem_to_gmem(0)
                 arrive(sem(l, [Q_, O_, G_, DN][p]))
-                held_w = None
                 if p == 0:
-                    held_w = pull(l, 1)
                     wait_all(sem(l, Q_))
 
                     @pl.when((b >= 1) & (b <= NI) & (item_s * TC <= pos))
@@ -673,7 +646,6 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                         merge(l)
 
                     arrive(sem(l, CMB))
-                return held_w
 
             # the warpgroups' jobs (defined above, since pl.when traces its body at once)
             pl.when(wg == 1)(_weights)
@@ -710,7 +682,7 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
 
         pl.run_scoped(
             with_scratch,
-            plgpu.SMEM((S, COLS, HD), bf16, transforms=tf),
+            plgpu.SMEM((S, HD, COLS), bf16, transforms=tf),
             plgpu.SMEM((S, R, HD), bf16, transforms=tf),
             plgpu.SMEM((S, R, HD), bf16, transforms=tf),   # the up tiles of the down GEMM
             plgpu.SMEM((R, COLS), bf16),

@@ -104,17 +104,14 @@ def test_prepare_weights_folds_the_norms_and_tiles():
                                    num_hidden_layers=2))
     params = random_params(cfg, jnp.float32)
     w = decode_layers_mgpu.prepare_weights(params["layers"])
-    def untile(t, like):   # tile unit * K / 128 + k: columns 64 unit.., rows 128 k.., transposed
-        k, n = like.shape
-        return np.asarray(t).reshape(n // 64, k // 128, 64, 128).transpose(1, 3, 0, 2).reshape(k, n)
-
+    untile = lambda t: np.moveaxis(np.asarray(t), 0, 1).reshape(t.shape[1], -1)
     for i, layer in enumerate(params["layers"]):
-        np.testing.assert_allclose(untile(w["wqkv"][i], layer["wqkv"]),
+        np.testing.assert_allclose(untile(w["wqkv"][i]),
                                    layer["wqkv"] * layer["attn_norm"][:, None], rtol=1e-6)
-        np.testing.assert_allclose(untile(w["wgu"][i], layer["w_gate_up"]),
+        np.testing.assert_allclose(untile(w["wgu"][i]),
                                    layer["w_gate_up"] * layer["mlp_norm"][:, None], rtol=1e-6)
-        np.testing.assert_array_equal(untile(w["wo"][i], layer["wo"]), layer["wo"])
-        np.testing.assert_array_equal(untile(w["wd"][i], layer["w_down"]), layer["w_down"])
+        np.testing.assert_array_equal(untile(w["wo"][i]), layer["wo"])
+        np.testing.assert_array_equal(untile(w["wd"][i]), layer["w_down"])
 
 
 def test_kernel_limits_are_named():
