@@ -568,9 +568,7 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                     def _():
                         v = acc[...]
                         acc[...] = plgpu.layout_cast(jnp.zeros_like(v), plgpu.Layout.WGMMA)
-                        # out_smem free again once the last flush has read it (its adds into
-                        # global memory need only be done before the barrier after the GEMM)
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        plgpu.wait_smem_to_gmem(0)  # out_smem free again
                         flush(l, p, unit, v)
 
             def flush(l, p, unit, v):
