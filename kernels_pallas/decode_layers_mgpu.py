@@ -4,7 +4,7 @@ Batch-1 decode streams each layer's weights once per token. XLA runs a layer as 
 kernels, and each GEMM loses 2-3 us at its start and end while the weight stream stops; this
 kernel never ends between GEMMs: one warpgroup per SM streams weight tiles without waiting for
 anything, so the stream runs on through the steps that need all blocks to meet (norms,
-attention, SiLU). See docs/performance.md (the decode-layer kernel).
+attention). See docs/performance.md (the decode-layer kernel and the decode kernel).
 
 Per layer l, x the residual stream (bf16, 8 rows: row 0 the sequence, rows 1-7 zero and staying
 zero), the RMSNorm weights folded into the rows of W_qkv and W_gate_up, so that a norm is one
@@ -28,8 +28,9 @@ partial sums added into the output by TMA (bf16); a grid barrier on global semap
 steps. Warpgroup 0 computes (wgmma, flushes, attention items, merges); 1 streams weight
 tiles through `slots` buffers; 2 streams activation tiles after each step's barrier (for the
 down projection it makes each h tile from a gate tile and an up tile, so that no SiLU step
-and barrier stand between gate/up and down); 3 (block 0 only) computes the norms. The semaphores persist from call to call: at the end every block
-counts in once more, then each returns its share of the counters to zero.
+and barrier stand between gate/up and down); 3 (block 0 only) computes the norms. The
+semaphores persist from call to call: at the end every block counts in once more, then each
+returns its share of the counters to zero.
 """
 from __future__ import annotations
 
@@ -216,9 +217,8 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
              fx_bar) = bars
             (k_smem, v_smem), q_smem, o_smem, ma_smem = att
 
-            def stream(l, p, copies, free):
-                # GEMM p's tiles of this block, in order, through S slots: copies lists
-                # (tile, slot buffers, full barriers), the copies each slot takes per tile
+            def stream(l, p, tile, bufs, full, free):
+                # GEMM p's tiles of this block, in order, through the S slots of bufs
                 base = l * per_layer + off[p]
 
                 @pl.loop(0, n[p])
@@ -230,14 +230,13 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                     def _():
                         plgpu.barrier_wait(free.at[slot])
 
-                    for tile, bufs, full in copies:
-                        plgpu.copy_gmem_to_smem(tile(i), bufs.at[slot], full.at[slot])
+                    plgpu.copy_gmem_to_smem(tile(i), bufs.at[slot], full.at[slot])
 
             def _weights():
                 @pl.loop(0, L)
                 def _(l):
                     for p in range(4):
-                        stream(l, p, [(functools.partial(w_tile, p, l), w_smem, w_full)], w_free)
+                        stream(l, p, functools.partial(w_tile, p, l), w_smem, w_full, w_free)
 
             def _activations():
                 @pl.loop(0, L)
@@ -253,7 +252,7 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                             return src.at[:, pl.ds(at + k * HD, HD)]
 
                         if p < 3:
-                            stream(l, p, [(a_tile, a_smem, a_full)], a_free)
+                            stream(l, p, a_tile, a_smem, a_full, a_free)
                         else:
                             h_stream(l, a_tile)
 
