@@ -217,19 +217,24 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
              fx_bar) = bars
             (k_smem, v_smem), q_smem, o_smem, ma_smem = att
 
+            def claim(j, free):
+                """The slot of this block's tile j (the S slots in turn), once the tile S
+                before it has left it."""
+                slot = lax.rem(j, S)
+
+                @pl.when(j >= S)
+                def _():
+                    plgpu.barrier_wait(free.at[slot])
+
+                return slot
+
             def stream(l, p, tile, bufs, full, free):
                 # GEMM p's tiles of this block, in order, through the S slots of bufs
                 base = l * per_layer + off[p]
 
                 @pl.loop(0, n[p])
                 def _(i):
-                    j = base + i
-                    slot = lax.rem(j, S)
-
-                    @pl.when(j >= S)
-                    def _():
-                        plgpu.barrier_wait(free.at[slot])
-
+                    slot = claim(base + i, free)
                     plgpu.copy_gmem_to_smem(tile(i), bufs.at[slot], full.at[slot])
 
             def _weights():
@@ -283,13 +288,7 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
 
                     @pl.when(i < n[p])
                     def _():
-                        j = base + i
-                        slot = lax.rem(j, S)
-
-                        @pl.when(j >= S)
-                        def _():
-                            plgpu.barrier_wait(a_free.at[slot])
-
+                        slot = claim(base + i, a_free)
                         plgpu.copy_gmem_to_smem(gu_tile(i), a_smem.at[slot], gu_full.at[slot])
                         plgpu.copy_gmem_to_smem(gu_tile(i, at=F), u_smem.at[slot],
                                                 gu_full.at[slot])
