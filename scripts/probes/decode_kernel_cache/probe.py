@@ -112,10 +112,10 @@ def step_fn(kind, slots):
 
 
 results = {}
-for form in forms:
+
+
+def run_form(form):
     kind, bs, at, slots = parse(form)
-    form = next(f"{form}#{i}" for i in range(1, 99) if f"{form}#{i}" not in results) \
-        if form in results else form   # a repeated form: timed again
     fn, batch = step_fn(kind, slots), batch_for(bs, at)
     w = weights
     base_opt = dict(kernel_variant.OPT)
@@ -125,7 +125,7 @@ for form in forms:
         fn.trace(params, w, cache(bs), batch).lower(lowering_platforms=("cuda",))
         kernel_variant.OPT.update(base_opt)
         print(form, f"lowered for cuda in {time.perf_counter() - t:.1f} s", flush=True)
-        continue
+        return
     lowered = fn.lower(params, w, cache(bs), batch)
     kernel_variant.OPT.update(base_opt)
     lower_s = time.perf_counter() - t
@@ -168,6 +168,17 @@ for form in forms:
     del kv
     print(form, f"span {results[form]['span_us']:.0f} us, lower {lower_s:.1f} s, compile "
           f"{compile_s:.1f} s, first call {first_call_s:.1f} s", flush=True)
+
+
+for form in forms:
+    form = next(f"{form}#{i}" for i in range(1, 99) if f"{form}#{i}" not in results) \
+        if form in results else form   # a repeated form: timed again
+    try:
+        run_form(form)
+    except Exception:   # one form failing (say, a variant that does not compile) spares the rest
+        import traceback
+        traceback.print_exc()
+        print(form, "FAILED", flush=True)
 
 if not lower_only:
     logits = {form: r.pop("logits") for form, r in results.items()}
