@@ -51,9 +51,10 @@ H_AHEAD = 4                # h tiles whose gate/up copies are in flight
 # skips the norms' work; wgs=3 runs no norm warpgroup (its counts made by block 0's
 # activation warpgroup, no norms computed: timing only); norope stores q/k unrotated;
 # noextra skips the K/V row adds and the xr adds; maxreg (wg0, wg1, wg2[, wg3]) sets each
-# warpgroup's register ceiling.
+# warpgroup's register ceiling; l2=P brings each GEMM's P tiles after the first S slots into
+# L2 when its first tile is copied.
 OPT = dict(nowait=False, noatt=False, nonorm=False, wgs=4, norope=False, noextra=False,
-           maxreg=None)
+           maxreg=None, l2=0)
 
 
 def unsupported_reason(cfg, dtype, block_size: int, num_sms: int) -> str | None:
@@ -239,7 +240,7 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
 
                 return slot
 
-            def stream(l, p, tile, bufs, full, free):
+            def stream(l, p, tile, bufs, full, free, l2=0):
                 # GEMM p's tiles of this block, in order, through the S slots of bufs
                 base = l * per_layer + off[p]
 
@@ -247,6 +248,12 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                 def _(i):
                     slot = claim(base + i, free)
                     plgpu.copy_gmem_to_smem(tile(i), bufs.at[slot], full.at[slot])
+
+                    if l2:   # the l2 tiles after the slots' first S: into L2 during the barrier
+                        @pl.when(i == 0)
+                        def _():
+                            for q in range(l2):
+                                pl.when(S + q < n[p])(lambda q=q: plgpu.async_prefetch(tile(S + q)))
 
             def regs(w):
                 if OPT["maxreg"]:
@@ -260,7 +267,8 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                 @pl.loop(0, L)
                 def _(l):
                     for p in range(4):
-                        stream(l, p, functools.partial(w_tile, p, l), w_smem, w_full, w_free)
+                        stream(l, p, functools.partial(w_tile, p, l), w_smem, w_full, w_free,
+                               OPT["l2"])
 
             def _activations():
                 regs(2)
