@@ -45,6 +45,10 @@ TC = 64                    # context tokens per attention item
 Z_W = 256                  # columns per zeroing store
 GROUP = 4                  # query heads per KV head
 H_AHEAD = 4                # h tiles whose gate/up copies are in flight
+# Registers per thread of each warpgroup (the consumer, the weight stream, the activation
+# stream, the norms): 512 in all, the register file over 4 x 128 threads. At an even 128 the
+# consumer spilled and its wgmma were serialized; the weight stream only issues copies.
+REGS = (240, 24, 128, 120)
 
 
 def unsupported_reason(cfg, dtype, block_size: int, num_sms: int) -> str | None:
@@ -237,13 +241,22 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                     slot = claim(base + i, free)
                     plgpu.copy_gmem_to_smem(tile(i), bufs.at[slot], full.at[slot])
 
+            def set_registers(w):
+                if REGS[w] != 128:
+                    plgpu.set_max_registers(
+                        REGS[w], action="increase" if REGS[w] > 128 else "decrease")
+
             def _weights():
+                set_registers(1)
+
                 @pl.loop(0, L)
                 def _(l):
                     for p in range(4):
                         stream(l, p, functools.partial(w_tile, p, l), w_smem, w_full, w_free)
 
             def _activations():
+                set_registers(2)
+
                 @pl.loop(0, L)
                 def _(l):
                     for p in range(4):
@@ -294,6 +307,7 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                                                 gu_full.at[slot])
 
             def _norms():
+                set_registers(3)
                 xr_smem, hi_smem, lo_smem, inv_smem = nrm_bufs
 
                 @pl.when(b == 0)
@@ -460,6 +474,7 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                 plgpu.wait_smem_to_gmem(0)
 
             def _consumer():
+                set_registers(0)
                 # Zero the add-into buffers (and a, and qkv's spare rows), copy x0 into x and
                 # x0's row 0 into xr, then count in.
                 z_smem[...] = jnp.zeros(z_smem.shape, z_smem.dtype)
