@@ -47,7 +47,8 @@ GROUP = 4                  # query heads per KV head
 H_AHEAD = 4                # h tiles whose gate/up copies are in flight
 # Registers per thread of each warpgroup (the consumer, the weight stream, the activation
 # stream, the norms): 512 in all, the register file over 4 x 128 threads. At an even 128 the
-# consumer spilled and its wgmma were serialized; the weight stream only issues copies.
+# kernel spilled 196 bytes a thread and its step was 1.8% slower; the weight stream only
+# issues copies (docs/performance.md, The decode kernel).
 REGS = (240, 24, 128, 120)
 
 
