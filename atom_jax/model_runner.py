@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import itertools
 import math
-import os
 import threading
 import time
 
@@ -21,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from atom_jax.exported import exported_jit
 from atom_jax.sampler import SAMPLING_MODES, sample, sampling_mode
 from atom_jax.scheduler import ScheduledBatch
 
@@ -152,6 +150,7 @@ def _decode_kernel_step(module, cfg, num_sms, layout, params, weights, kv_cache,
                                         _step_batch(packed, layout, last_tokens), cfg, num_sms)
 
 
+_decode_kernel_jit = jax.jit(_decode_kernel_step, static_argnums=(0, 1, 2, 3), donate_argnums=(6,))
 
 
 def _sample_step(logits, packed, layout, history, with_logprobs, mode, num_rows):
@@ -256,7 +255,6 @@ class ModelRunner:
         self.multi_step_timing = None  # what the automatic choice measured
         self.decode_kernel = decode_kernel
         self.decode_kernel_steps = 0  # steps it ran
-        self._decode_kernel_programs = {}  # its jitted step per input layout
         shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
         if decode_kernel:   # which reaches every layer's cache in one array
             self.kv_cache = allocate_kv_cache(model_config.num_layers, shape, dtype, stacked=True)
@@ -350,8 +348,7 @@ class ModelRunner:
         device arrays (tokens padded to max_num_seqs rows first)."""
         packed, layout = pack_host_arrays(inputs)
         if kernel:
-            self.kv_cache, logits = self._decode_kernel_program(layout)(
-                *self._decode_kernel_args(packed))
+            self.kv_cache, logits = _decode_kernel_jit(*self._decode_kernel_args(packed, layout))
         else:
             self.kv_cache, logits = _forward_jit(self.module, self.model_config, self.attn_impl,
                                                  layout, self.params, self.kv_cache, packed,
@@ -362,26 +359,10 @@ class ModelRunner:
         self.last_tokens = out[0]
         return out
 
-    def _decode_kernel_args(self, packed) -> tuple:
-        return self.params, self.decode_kernel.weights, self.kv_cache, packed, self.last_tokens
-
-    def _decode_kernel_program(self, layout):
-        """The decode kernel's step for this input layout, jitted. Its traced and lowered
-        form is kept on disk beside the compilation cache (atom_jax/exported.py): tracing
-        and lowering the kernel takes seconds that a warm start would otherwise spend."""
-        if layout not in self._decode_kernel_programs:
-            cache = jax.config.jax_compilation_cache_dir
-            static = (self.module, self.model_config, self.decode_kernel.num_sms, layout)
-            packed = jax.ShapeDtypeStruct((sum(math.prod(s) for _, s, _ in layout),), jnp.int32)
-            shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                                  self._decode_kernel_args(packed))
-            self._decode_kernel_programs[layout] = exported_jit(
-                _decode_kernel_step, static, shapes, donate_argnums=(2,),
-                cache_dir=cache and os.path.join(cache, "atom-jax-exports"))
-        return self._decode_kernel_programs[layout]
-
-    def _lower_decode_kernel(self, packed, layout):
-        return self._decode_kernel_program(layout).lower(*self._decode_kernel_args(packed))
+    def _decode_kernel_args(self, packed, layout) -> tuple:
+        dk = self.decode_kernel
+        return (self.module, self.model_config, dk.num_sms, layout, self.params, dk.weights,
+                self.kv_cache, packed, self.last_tokens)
 
     def uses_decode_kernel(self, batch: ScheduledBatch) -> bool:
         """A single sequence decoding one token, within the kernel's context."""
@@ -433,7 +414,8 @@ class ModelRunner:
                 self.params, self.kv_cache, packed, self.last_tokens))
         if self.decode_kernel:   # the smallest bucket, which a one-token step takes
             packed, layout = pack_host_arrays(self._padded_inputs(self.buckets[0]))
-            jobs.append(functools.partial(self._lower_decode_kernel, packed, layout))
+            jobs.append(functools.partial(_decode_kernel_jit.lower,
+                                          *self._decode_kernel_args(packed, layout)))
         for s_pad in sorted({min(t, self.max_num_seqs) for t in self.buckets}):
             # the sampler compiles from the logits' shape alone
             logits = jax.ShapeDtypeStruct((s_pad, self.model_config.vocab_size), jnp.float32)

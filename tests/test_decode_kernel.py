@@ -205,34 +205,3 @@ def test_engine_runs_batch1_decode_in_the_kernel(tmp_path):
     assert len(on.token_ids) == 12
     # the first token comes from the prefill, the same program in both
     assert on.token_ids[0] == off.token_ids[0]
-
-
-@pytest.mark.gpu
-def test_a_second_engine_takes_the_kernel_program_from_disk(tmp_path, monkeypatch):
-    """The decode kernel's traced and lowered step is kept beside the compilation cache
-    (atom_jax/exported.py): an engine started after another one does not trace it again."""
-    from atom_jax import LLM, SamplingParams
-    (tmp_path / "config.json").write_text(json.dumps(KERNEL_SHAPE))
-    cache = tmp_path / "cache"
-    previous = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(cache))
-    traced = []
-    real = llama.forward_decode_kernel
-    monkeypatch.setattr(llama, "forward_decode_kernel",
-                        lambda *a, **k: traced.append(1) or real(*a, **k))
-    try:
-        counts = []
-        for _ in range(2):
-            llm = LLM(model=str(tmp_path), load_format="dummy", decode_kernel="on",
-                      max_model_len=2048, max_num_seqs=4, max_num_batched_tokens=256,
-                      num_scheduler_steps=1)
-            out = llm.generate([list(range(3, 103))],
-                               SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
-            assert len(out[0].outputs[0].token_ids) == 12
-            assert llm.engine.runner.decode_kernel_steps == 11
-            counts.append(len(traced))
-            del llm
-        assert counts == [1, 1]   # traced by the first engine only
-        assert len(list((cache / "atom-jax-exports").glob("*.jaxexport"))) == 1
-    finally:
-        jax.config.update("jax_compilation_cache_dir", previous)
