@@ -47,9 +47,10 @@ GROUP = 4                  # query heads per KV head
 H_AHEAD = 4                # h tiles whose gate/up copies are in flight
 # Registers per thread of each warpgroup (the consumer, the weight stream, the activation
 # stream, the norms): 512 in all, the register file over 4 x 128 threads. At an even 128 the
-# kernel spilled 196 bytes a thread and its step was 1.8% slower; the weight stream only
-# issues copies (docs/performance.md, The decode kernel).
+# kernel spilled 196 bytes a thread and took 1.8% longer; the weight stream only issues
+# copies (docs/performance.md, The decode kernel).
 REGS = (240, 24, 128, 120)
+assert sum(REGS) <= 512 and all(r % 8 == 0 and 24 <= r <= 256 for r in REGS)
 
 
 def unsupported_reason(cfg, dtype, block_size: int, num_sms: int) -> str | None:
