@@ -50,6 +50,7 @@ H_AHEAD = 4                # h tiles whose gate/up copies are in flight
 # kernel spilled 196 bytes a thread and took 1.8% longer; the weight stream only issues
 # copies (docs/performance.md, The decode kernel).
 REGS = (240, 24, 128, 120)
+EVEN_REGS = 512 // len(REGS)   # what each warpgroup has before it sets its own
 assert sum(REGS) <= 512 and all(r % 8 == 0 and 24 <= r <= 256 for r in REGS)
 
 
@@ -244,9 +245,9 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                     plgpu.copy_gmem_to_smem(tile(i), bufs.at[slot], full.at[slot])
 
             def set_registers(w):
-                if REGS[w] != 128:
+                if REGS[w] != EVEN_REGS:
                     plgpu.set_max_registers(
-                        REGS[w], action="increase" if REGS[w] > 128 else "decrease")
+                        REGS[w], action="increase" if REGS[w] > EVEN_REGS else "decrease")
 
             def _weights():
                 set_registers(1)
@@ -726,7 +727,8 @@ def _call(x0, weights, cache_refs, table, rope_cs, *, eps, num_sms, slots):
                 jax.ShapeDtypeStruct((L, NS, KVH, 3, 8, HD), f32),  # the items' partial results
                 jax.ShapeDtypeStruct((L, 2, 8, 64), f32))           # inverse RMS, broadcast
     x0r = jnp.zeros((64, 64), bf16).at[:D // 64].set(x0[0].reshape(D // 64, 64))
-    mesh = plgpu.Mesh(grid=(B,), grid_names=("b",), num_threads=4, thread_name="wg")
+    mesh = plgpu.Mesh(grid=(B,), grid_names=("b",), num_threads=len(REGS),
+                      thread_name="wg")
     out = pl.kernel(body, out_type=out_type, mesh=mesh, name="decode_layers")(
         x0, x0r, wqkv, wo, wgu, wd, *cache_refs, table, rope_cs)
     return out[0]
