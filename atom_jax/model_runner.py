@@ -412,11 +412,10 @@ class ModelRunner:
             jobs.append(functools.partial(
                 _forward_jit.lower, self.module, self.model_config, self.attn_impl, layout,
                 self.params, self.kv_cache, packed, self.last_tokens))
-        first = []  # lowered alone before the others (see _compile)
         if self.decode_kernel:   # the smallest bucket, which a one-token step takes
             packed, layout = pack_host_arrays(self._padded_inputs(self.buckets[0]))
-            first.append(functools.partial(_decode_kernel_jit.lower,
-                                           *self._decode_kernel_args(packed, layout)))
+            jobs.append(functools.partial(_decode_kernel_jit.lower,
+                                          *self._decode_kernel_args(packed, layout)))
         for s_pad in sorted({min(t, self.max_num_seqs) for t in self.buckets}):
             # the sampler compiles from the logits' shape alone
             logits = jax.ShapeDtypeStruct((s_pad, self.model_config.vocab_size), jnp.float32)
@@ -428,7 +427,7 @@ class ModelRunner:
                     jobs.append(functools.partial(
                         _sample_jit.lower, logits, packed, layout, history,
                         with_logprobs=with_logprobs, mode=mode, num_rows=self.max_num_seqs))
-        self._compile(jobs, threads, f"Compiling {len(self.buckets)} shape buckets", first)
+        self._compile(jobs, threads, f"Compiling {len(self.buckets)} shape buckets")
         self.guard = _CompileGuard()
         for t in self.buckets:
             inputs, sp = self._padding_batch(t)
@@ -468,18 +467,11 @@ class ModelRunner:
         return inputs, sp
 
     @staticmethod
-    def _compile(jobs, threads: int, desc: str, first=()) -> None:
-        """Lower and compile every job (a function returning a jax Lowered) on `threads`
-        threads. Lowering is Python and holds the interpreter lock, so threads share it;
-        compiling does not. The jobs in `first` are lowered one at a time on this thread
-        before the others start, and compile while the others lower: one with a long
-        lowering (the decode kernel's) would otherwise get a share of the lock among every
-        other thread's lowering and finish last."""
-        bar = tqdm(total=len(first) + len(jobs), desc=desc, unit="program")
+    def _compile(jobs, threads: int, desc: str) -> None:
+        bar = tqdm(total=len(jobs), desc=desc, unit="program")
         with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-            futures = [pool.submit(job().compile) for job in first]
-            futures += [pool.submit(lambda lower: lower().compile(), job) for job in jobs]
-            for future in concurrent.futures.as_completed(futures):
+            for future in concurrent.futures.as_completed(
+                    [pool.submit(lambda lower: lower().compile(), job) for job in jobs]):
                 future.result()
                 bar.update()
         bar.close()

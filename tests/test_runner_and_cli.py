@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from atom_jax import SamplingParams
-from atom_jax.model_runner import (CompileWhileServingError, ModelRunner, pack_host_arrays,
-                                   token_buckets, unpack_arrays)
+from atom_jax.model_runner import (CompileWhileServingError, pack_host_arrays, token_buckets,
+                                   unpack_arrays)
 from atom_jax.scheduler import ScheduledBatch
 
 
@@ -43,30 +43,6 @@ def test_packed_host_arrays_round_trip_inside_jit():
         np.testing.assert_array_equal(np.asarray(out[name]), a)
     with pytest.raises(TypeError, match="4-byte"):
         pack_host_arrays(dict(x=np.zeros(2, np.int64)))
-
-
-def test_compile_lowers_the_first_jobs_alone_before_the_others():
-    """The decode kernel's long lowering goes first and alone (warm start), and its compile
-    overlaps the other jobs' lowering; every job is compiled once."""
-    events = []
-
-    def job(name):
-        def lower():
-            events.append(("lower", name))
-            lowered = jax.jit(lambda x: x + len(name)).trace(jax.ShapeDtypeStruct((2,), np.float32)).lower()
-
-            class Logged:
-                def compile(self):
-                    events.append(("compile", name))
-                    return lowered.compile()
-            return Logged()
-        return lower
-
-    ModelRunner._compile([job(f"j{i}") for i in range(5)], 3, "test", [job("kernel"), job("k2")])
-    lowers = [name for what, name in events if what == "lower"]
-    assert lowers[:2] == ["kernel", "k2"] and sorted(lowers[2:]) == [f"j{i}" for i in range(5)]
-    compiles = [name for what, name in events if what == "compile"]
-    assert sorted(compiles) == sorted(lowers)
 
 
 def test_no_compilation_while_serving_and_the_guard_catches_one(llm):
