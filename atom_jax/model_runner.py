@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import os
 import threading
 import time
 
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from atom_jax.exported import exported_jit
 from atom_jax.sampler import SAMPLING_MODES, sample, sampling_mode
 from atom_jax.scheduler import ScheduledBatch
 
@@ -66,7 +68,7 @@ class _CompileGuard:
     @classmethod
     def _listener(cls, event, duration, **kwargs):
         if event == cls._EVENT and getattr(cls._local, "armed", False):
-            cls._local.count = getattr(cls._local, "count", 0) + 1
+            cls._local.compiled.append(str(kwargs.get("fun_name", "?")))
 
     def __init__(self):
         if not _CompileGuard._registered:
@@ -74,14 +76,14 @@ class _CompileGuard:
             _CompileGuard._registered = True
 
     def __enter__(self):
-        self._local.armed, self._local.count = True, 0
+        self._local.armed, self._local.compiled = True, []
 
     def __exit__(self, *exc):
         self._local.armed = False
-        if exc[0] is None and self._local.count:
+        if exc[0] is None and self._local.compiled:
             raise CompileWhileServingError(
-                f"{self._local.count} XLA compilation(s) during a serving step: a shape escaped "
-                "the start-up buckets")
+                f"{len(self._local.compiled)} XLA compilation(s) during a serving step "
+                f"({', '.join(self._local.compiled)}): a shape escaped the start-up buckets")
 
 
 def token_buckets(max_tokens: int, smallest: int = 4, also: tuple[int, ...] = ()) -> list[int]:
@@ -148,9 +150,6 @@ def _decode_kernel_step(module, cfg, num_sms, layout, params, weights, kv_cache,
                         last_tokens):
     return module.forward_decode_kernel(params, weights, kv_cache,
                                         _step_batch(packed, layout, last_tokens), cfg, num_sms)
-
-
-_decode_kernel_jit = jax.jit(_decode_kernel_step, static_argnums=(0, 1, 2, 3), donate_argnums=(6,))
 
 
 def _sample_step(logits, packed, layout, history, with_logprobs, mode, num_rows):
@@ -237,6 +236,15 @@ class ModelRunner:
                  attn_impl: str = "auto", eos_token_ids=(), num_scheduler_steps: int = 1,
                  multi_step_max_seqs: int = 0, multi_step_auto: bool = False,
                  decode_kernel: DecodeKernel | None = None):
+        # With the decode kernel, its step is a jax.export module (see _decode_kernel_program),
+        # whose outputs are committed to the device. A committed input makes another program
+        # to XLA, so there every array the programs take is committed (no copy is made), and
+        # each program sees the same inputs after either kind of step.
+        self.device = jax.devices()[0] if decode_kernel else None
+        if decode_kernel:
+            params = self._commit(params)
+            decode_kernel = dataclasses.replace(decode_kernel,
+                                                weights=self._commit(decode_kernel.weights))
         self.module, self.model_config, self.params = module, model_config, params
         self.block_size, self.num_blocks = block_size, num_blocks
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
@@ -255,16 +263,21 @@ class ModelRunner:
         self.multi_step_timing = None  # what the automatic choice measured
         self.decode_kernel = decode_kernel
         self.decode_kernel_steps = 0  # steps it ran
+        self._decode_kernel_programs = {}  # its jitted step per input layout
         shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
-        if decode_kernel:   # which reaches every layer's cache in one array
-            self.kv_cache = allocate_kv_cache(model_config.num_layers, shape, dtype, stacked=True)
-        else:
-            self.kv_cache = allocate_kv_cache(model_config.num_layers, shape, dtype)
+        # with the decode kernel, one (K, V) pair stacked over layers: it reaches every
+        # layer's cache in one array
+        self.kv_cache = self._commit(allocate_kv_cache(model_config.num_layers, shape, dtype,
+                                                       stacked=bool(decode_kernel)))
         # The last launched step's sampled tokens (padded to max_num_seqs rows) and the row
         # of each sequence in it, so the next step can start before they reach the host.
-        self.last_tokens = jnp.zeros(max_num_seqs, jnp.int32)
+        self.last_tokens = self._commit(jnp.zeros(max_num_seqs, jnp.int32))
         self.last_rows: dict[str, int] = {}
         self.guard = None  # armed by warmup()
+
+    def _commit(self, tree):
+        """tree's arrays committed to self.device (the same buffers), or tree as it is."""
+        return tree if self.device is None else jax.device_put(tree, self.device, may_alias=True)
 
     # ------------------------------------------------------------ batch preparation
 
@@ -348,7 +361,8 @@ class ModelRunner:
         device arrays (tokens padded to max_num_seqs rows first)."""
         packed, layout = pack_host_arrays(inputs)
         if kernel:
-            self.kv_cache, logits = _decode_kernel_jit(*self._decode_kernel_args(packed, layout))
+            self.kv_cache, logits = self._decode_kernel_program(layout)(
+                *self._decode_kernel_args(packed))
         else:
             self.kv_cache, logits = _forward_jit(self.module, self.model_config, self.attn_impl,
                                                  layout, self.params, self.kv_cache, packed,
@@ -359,10 +373,26 @@ class ModelRunner:
         self.last_tokens = out[0]
         return out
 
-    def _decode_kernel_args(self, packed, layout) -> tuple:
-        dk = self.decode_kernel
-        return (self.module, self.model_config, dk.num_sms, layout, self.params, dk.weights,
-                self.kv_cache, packed, self.last_tokens)
+    def _decode_kernel_args(self, packed) -> tuple:
+        return self.params, self.decode_kernel.weights, self.kv_cache, packed, self.last_tokens
+
+    def _decode_kernel_program(self, layout):
+        """The decode kernel's step for this input layout, jitted. Its traced and lowered
+        form is kept on disk beside the compilation cache (atom_jax/exported.py): tracing
+        and lowering the kernel takes seconds that a warm start would otherwise spend."""
+        if layout not in self._decode_kernel_programs:
+            cache = jax.config.jax_compilation_cache_dir
+            static = (self.module, self.model_config, self.decode_kernel.num_sms, layout)
+            packed = jax.ShapeDtypeStruct((sum(math.prod(s) for _, s, _ in layout),), jnp.int32)
+            shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                  self._decode_kernel_args(packed))
+            self._decode_kernel_programs[layout] = exported_jit(
+                _decode_kernel_step, static, shapes, donate_argnums=(2,),
+                cache_dir=cache and os.path.join(cache, "atom-jax-exports"))
+        return self._decode_kernel_programs[layout]
+
+    def _lower_decode_kernel(self, packed, layout):
+        return self._decode_kernel_program(layout).lower(*self._decode_kernel_args(packed))
 
     def uses_decode_kernel(self, batch: ScheduledBatch) -> bool:
         """A single sequence decoding one token, within the kernel's context."""
@@ -414,11 +444,13 @@ class ModelRunner:
                 self.params, self.kv_cache, packed, self.last_tokens))
         if self.decode_kernel:   # the smallest bucket, which a one-token step takes
             packed, layout = pack_host_arrays(self._padded_inputs(self.buckets[0]))
-            jobs.append(functools.partial(_decode_kernel_jit.lower,
-                                          *self._decode_kernel_args(packed, layout)))
+            jobs.append(functools.partial(self._lower_decode_kernel, packed, layout))
         for s_pad in sorted({min(t, self.max_num_seqs) for t in self.buckets}):
             # the sampler compiles from the logits' shape alone
-            logits = jax.ShapeDtypeStruct((s_pad, self.model_config.vocab_size), jnp.float32)
+            committed = self.device is not None   # as the logits will be
+            logits = jax.ShapeDtypeStruct(
+                (s_pad, self.model_config.vocab_size), jnp.float32,
+                sharding=jax.sharding.SingleDeviceSharding(self.device) if committed else None)
             variants = [(False, mode) for mode in SAMPLING_MODES] + [(True, "filter")]
             for with_penalties, mode in variants:
                 sp, history = self.prepare_sampling(ScheduledBatch([], []), s_pad, with_penalties)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from atom_jax.model_runner import allocate_kv_cache
+from atom_jax.model_runner import DecodeKernel, allocate_kv_cache
 from kernels_pallas import decode_layers_mgpu
 from models import llama
 from models.config import ModelConfig
@@ -188,6 +188,61 @@ def test_decode_kernel_matches_the_usual_step(block_size, context):
         np.testing.assert_array_equal(np.asarray(k)[mask], np.asarray(rk)[mask])
 
 
+def usual_step_as_kernel(params, kernel_weights, kv_cache, batch, cfg, num_sms):
+    """forward_decode_kernel's contract met by the usual step (the cache stacked over layers),
+    so that the engine's handling of the kernel's step runs where the kernel cannot."""
+    k, v = kv_cache
+    cache, logits = llama.forward(params, [(k[i], v[i]) for i in range(cfg.num_layers)],
+                                  batch, cfg, "xla")
+    return (jnp.stack([a for a, _ in cache]), jnp.stack([b for _, b in cache])), logits
+
+
+def test_the_kernel_step_from_disk_compiles_nothing_while_serving(tmp_path, monkeypatch):
+    """The engine's decode-kernel path on the CPU, with the usual step standing in for the
+    kernel: its step is exported to disk by the first engine and loaded by the second, and
+    neither compiles anything once warm-up is over (the guard is armed for every step), though
+    the exported step's outputs are committed to the device and feed the other programs."""
+    from atom_jax import LLM, SamplingParams, engine
+    if jax.default_backend() == "gpu":
+        pytest.skip("the GPU runs the kernel itself (test_a_second_engine_takes_...)")
+    cfg = dict(KERNEL_SHAPE, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=1)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    traced = []
+
+    def setup(mode, module, cfg, params, dtype, block_size):   # as on a GPU that takes it
+        return (*module.to_qk_halves(params, cfg), DecodeKernel({}, num_sms=132, max_context=1024))
+
+    monkeypatch.setattr(engine, "setup_decode_kernel", setup)
+    monkeypatch.setattr(llama, "forward_decode_kernel",
+                        lambda *a: traced.append(1) or usual_step_as_kernel(*a))
+    cache = tmp_path / "cache"
+    previous = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    try:
+        tokens = []
+        for _ in range(2):
+            llm = LLM(model=str(tmp_path), load_format="dummy", decode_kernel="on",
+                      block_size=64, max_model_len=256, max_num_seqs=4,
+                      max_num_batched_tokens=64, num_scheduler_steps=1)
+            assert llm.engine.runner.guard is not None
+            # one sequence decoding alone takes the kernel's step; then prefills and two
+            # sequences decoding together take the usual one, with the state it left
+            out = llm.generate([list(range(3, 43))],
+                               SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+            assert llm.engine.runner.decode_kernel_steps == 5
+            both = llm.generate([list(range(5, 25)), list(range(7, 30))],
+                                SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+            assert [len(o.outputs[0].token_ids) for o in both] == [4, 4]
+            tokens.append([out[0].outputs[0].token_ids] + [o.outputs[0].token_ids for o in both])
+            del llm
+        assert traced == [1]   # the second engine loaded the step from disk
+        assert len(list((cache / "atom-jax-exports").glob("*.jaxexport"))) == 1
+        assert tokens[0] == tokens[1]
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)
+
+
 @pytest.mark.gpu
 def test_engine_runs_batch1_decode_in_the_kernel(tmp_path):
     from atom_jax import LLM, SamplingParams
@@ -205,3 +260,34 @@ def test_engine_runs_batch1_decode_in_the_kernel(tmp_path):
     assert len(on.token_ids) == 12
     # the first token comes from the prefill, the same program in both
     assert on.token_ids[0] == off.token_ids[0]
+
+
+@pytest.mark.gpu
+def test_a_second_engine_takes_the_kernel_program_from_disk(tmp_path, monkeypatch):
+    """The decode kernel's traced and lowered step is kept beside the compilation cache
+    (atom_jax/exported.py): an engine started after another one does not trace it again."""
+    from atom_jax import LLM, SamplingParams
+    (tmp_path / "config.json").write_text(json.dumps(KERNEL_SHAPE))
+    cache = tmp_path / "cache"
+    previous = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    traced = []
+    real = llama.forward_decode_kernel
+    monkeypatch.setattr(llama, "forward_decode_kernel",
+                        lambda *a, **k: traced.append(1) or real(*a, **k))
+    try:
+        counts = []
+        for _ in range(2):
+            llm = LLM(model=str(tmp_path), load_format="dummy", decode_kernel="on",
+                      max_model_len=2048, max_num_seqs=4, max_num_batched_tokens=256,
+                      num_scheduler_steps=1)
+            out = llm.generate([list(range(3, 103))],
+                               SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+            assert len(out[0].outputs[0].token_ids) == 12
+            assert llm.engine.runner.decode_kernel_steps == 11
+            counts.append(len(traced))
+            del llm
+        assert counts == [1, 1]   # traced by the first engine only
+        assert len(list((cache / "atom-jax-exports").glob("*.jaxexport"))) == 1
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)

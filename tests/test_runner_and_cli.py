@@ -53,7 +53,7 @@ def test_no_compilation_while_serving_and_the_guard_catches_one(llm):
     # A shape outside every bucket must fail loudly instead of compiling silently.
     inputs = runner._padded_inputs(runner.buckets[0] + 1)
     sp, _ = runner.prepare_sampling(ScheduledBatch([], []), len(inputs["seq_lens"]))
-    with pytest.raises(CompileWhileServingError):
+    with pytest.raises(CompileWhileServingError, match=r"XLA compilation\(s\) .*\(jit\(_forward_step\)"):
         with runner.guard:
             runner.run(inputs, sp, None)
 
