@@ -90,6 +90,7 @@ def setup_decode_kernel(mode: str, module, cfg, params, dtype, block_size: int):
                     "block_size %d is faster (docs/performance.md, The decode kernel)",
                     block_size, decode_layers_mgpu.TC // block_size, decode_layers_mgpu.TC,
                     decode_layers_mgpu.TC)
+    decode_layers_mgpu.load_runtime()
     params, cfg = module.to_qk_halves(params, cfg)
     num_sms = jax.devices()[0].core_count
     weights = decode_layers_mgpu.prepare_weights(params["layers"])

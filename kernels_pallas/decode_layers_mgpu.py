@@ -54,6 +54,14 @@ EVEN_REGS = 512 // len(REGS)   # what each warpgroup has before it sets its own
 assert sum(REGS) <= 512 and all(r % 8 == 0 and 24 <= r <= 256 for r in REGS)
 
 
+def load_runtime() -> None:
+    """Import Mosaic GPU's Python side, which tells its compiler where its runtime library is
+    (MOSAIC_GPU_RUNTIME_LIB_PATH). Tracing the kernel imports it; a process that compiles the
+    kernel's step from a module kept on disk, without tracing it, would otherwise fail to
+    compile it ("Failed to lookup host symbol")."""
+    import jax.experimental.mosaic.gpu  # noqa: F401
+
+
 def unsupported_reason(cfg, dtype, block_size: int, num_sms: int) -> str | None:
     """Why this kernel cannot run a model's decode step (None when it can)."""
     if cfg.attention_bias or cfg.qk_norm or cfg.sliding_window:

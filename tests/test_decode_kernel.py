@@ -1,6 +1,7 @@
 """The persistent decode kernel (kernels_pallas/decode_layers_mgpu.py): its layout and weight
 preparation on CPU, its results against the usual step on the GPU (marked `gpu`)."""
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -262,32 +263,41 @@ def test_engine_runs_batch1_decode_in_the_kernel(tmp_path):
     assert on.token_ids[0] == off.token_ids[0]
 
 
+SECOND_ENGINE = """
+import json, sys
+import jax
+from atom_jax import LLM, SamplingParams
+from models import llama
+jax.config.update("jax_compilation_cache_dir", sys.argv[2])
+traced = []
+real = llama.forward_decode_kernel
+llama.forward_decode_kernel = lambda *a, **k: traced.append(1) or real(*a, **k)
+llm = LLM(model=sys.argv[1], load_format="dummy", decode_kernel="on", max_model_len=2048,
+          max_num_seqs=4, max_num_batched_tokens=256, num_scheduler_steps=1)
+out = llm.generate([list(range(3, 103))], SamplingParams(max_tokens=12, temperature=0,
+                                                         ignore_eos=True))
+print("RESULT " + json.dumps({"tokens": out[0].outputs[0].token_ids, "traced": len(traced),
+                              "kernel_steps": llm.engine.runner.decode_kernel_steps}))
+"""
+
+
 @pytest.mark.gpu
-def test_a_second_engine_takes_the_kernel_program_from_disk(tmp_path, monkeypatch):
+def test_a_second_engine_takes_the_kernel_program_from_disk(tmp_path):
     """The decode kernel's traced and lowered step is kept beside the compilation cache
-    (atom_jax/exported.py): an engine started after another one does not trace it again."""
-    from atom_jax import LLM, SamplingParams
+    (atom_jax/exported.py): an engine started after another one, each in a fresh process,
+    does not trace it again, and gives the same tokens."""
+    import subprocess
+    import sys
     (tmp_path / "config.json").write_text(json.dumps(KERNEL_SHAPE))
     cache = tmp_path / "cache"
-    previous = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(cache))
-    traced = []
-    real = llama.forward_decode_kernel
-    monkeypatch.setattr(llama, "forward_decode_kernel",
-                        lambda *a, **k: traced.append(1) or real(*a, **k))
-    try:
-        counts = []
-        for _ in range(2):
-            llm = LLM(model=str(tmp_path), load_format="dummy", decode_kernel="on",
-                      max_model_len=2048, max_num_seqs=4, max_num_batched_tokens=256,
-                      num_scheduler_steps=1)
-            out = llm.generate([list(range(3, 103))],
-                               SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
-            assert len(out[0].outputs[0].token_ids) == 12
-            assert llm.engine.runner.decode_kernel_steps == 11
-            counts.append(len(traced))
-            del llm
-        assert counts == [1, 1]   # traced by the first engine only
-        assert len(list((cache / "atom-jax-exports").glob("*.jaxexport"))) == 1
-    finally:
-        jax.config.update("jax_compilation_cache_dir", previous)
+    results = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", SECOND_ENGINE, str(tmp_path), str(cache)],
+                              capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+        results.append(json.loads(lines[0][len("RESULT "):]))
+    assert [r["traced"] for r in results] == [1, 0]   # the second process loaded it from disk
+    assert [r["kernel_steps"] for r in results] == [11, 11]
+    assert results[0]["tokens"] == results[1]["tokens"] and len(results[0]["tokens"]) == 12
+    assert len(list((cache / "atom-jax-exports").glob("*.jaxexport"))) == 1
