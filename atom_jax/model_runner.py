@@ -265,10 +265,11 @@ class ModelRunner:
         self.decode_kernel_steps = 0  # steps it ran
         self._decode_kernel_programs = {}  # its jitted step per input layout
         shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
-        # with the decode kernel, one (K, V) pair stacked over layers: it reaches every
-        # layer's cache in one array
-        self.kv_cache = self._commit(allocate_kv_cache(model_config.num_layers, shape, dtype,
-                                                       stacked=bool(decode_kernel)))
+        if decode_kernel:   # which reaches every layer's cache in one array
+            self.kv_cache = self._commit(
+                allocate_kv_cache(model_config.num_layers, shape, dtype, stacked=True))
+        else:
+            self.kv_cache = allocate_kv_cache(model_config.num_layers, shape, dtype)
         # The last launched step's sampled tokens (padded to max_num_seqs rows) and the row
         # of each sequence in it, so the next step can start before they reach the host.
         self.last_tokens = self._commit(jnp.zeros(max_num_seqs, jnp.int32))
