@@ -4,8 +4,9 @@ which comes after them. The decode kernel's step takes several seconds to trace 
 Mosaic GPU; loaded from here it takes a fraction of a second.
 
 A file is named by a hash of everything that shapes the program: the caller's static
-arguments, the arguments' tree and shapes, the JAX version, the platform, and the source of
-every module of this project. A file that fails to load is exported again."""
+arguments, the arguments' tree and shapes, the JAX version, the platform, the JAX settings
+that change what a trace gives, and the source of every module of this project. A file
+that fails to load is exported again."""
 from __future__ import annotations
 
 import functools
@@ -33,8 +34,9 @@ def _source_hash() -> str:
 def program_key(static, args, platform: str) -> str:
     """The file name's hash for fn(*static)(*args) on platform."""
     shapes = [(tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(args)]
+    settings = (jax.config.jax_default_matmul_precision, jax.config.jax_enable_x64)
     text = repr((static, jax.tree.structure(args), shapes, jax.__version__, platform,
-                 _source_hash()))
+                 settings, _source_hash()))
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 

@@ -55,3 +55,13 @@ def test_without_a_cache_dir_a_plain_jit(tmp_path):
     program = exported_jit(scaled_sum, (2.0,), (x, y), cache_dir=None, donate_argnums=(1,))
     np.testing.assert_allclose(program(x, y)[0], [1, 3])
     assert files(tmp_path) == []
+
+
+def test_a_setting_that_changes_the_trace_names_another_file(tmp_path):
+    import jax
+    x, y = jnp.arange(3.0), jnp.ones(3)
+    traced.clear()
+    exported_jit(scaled_sum, (2.0,), (x, y), cache_dir=str(tmp_path))
+    with jax.default_matmul_precision("highest"):
+        exported_jit(scaled_sum, (2.0,), (x, y), cache_dir=str(tmp_path))
+    assert traced == [2.0, 2.0] and len(files(tmp_path)) == 2
