@@ -98,7 +98,8 @@ def tuning_section(name, data) -> list[str]:
 
 def measured_code(data) -> str:
     """Which commit a result measured, where its JSON records one (older ones do not)."""
-    commit = (data.get("versions") or {}).get("atom_jax_commit")
+    # a top-level "commit" where the run's machine had a stale checkout of the repository
+    commit = data.get("commit") or (data.get("versions") or {}).get("atom_jax_commit")
     if not commit or commit == "unknown":
         return ""
     return f" Code: {commit.split('+')[0][:10]}" + (" with uncommitted changes." if "+dirty" in commit else ".")
@@ -153,6 +154,14 @@ def latency_section(name, data) -> list[str]:
              f"- prefill of {p['tokens']} tokens: TTFT {1000 * p['ttft_s']:.0f} ms "
              f"({p.get('effective_tflops', float('nan')):.0f} TFLOP/s)",
              f"- engine start (load + compile): {data['engine_start_s']:.0f} s"]
+    if uses_decode_kernel(data):
+        lines.append(f"- decode kernel (`--decode-kernel {data['decode_kernel']['mode']}`): "
+                     f"{data['decode_kernel']['steps']} decode steps through it, "
+                     f"{data.get('block_size')}-token pages")
+    s = data.get("startup")
+    if s:
+        lines.append(f"- start-up to first token, fresh processes: cold {s.get('cold_s')} s, "
+                     f"warm {s.get('warm_s')} s")
     peer = data.get("hf_peer") or {}
     if "tokens_per_s" in peer:
         lines.append(f"- peer in the same run, {peer['name']} (transformers "
@@ -222,13 +231,23 @@ def serving_section(runs, out_dir: Path) -> list[str]:
     return lines
 
 
+def uses_decode_kernel(data) -> bool:
+    return bool((data.get("decode_kernel") or {}).get("steps"))
+
+
 def headline_section(kinds) -> list[str]:
-    """One row per model shape: the figures the GPU goals are about."""
+    """One row per model shape (and one more where a latency run used the decode kernel):
+    the figures the GPU goals are about."""
     rows: dict[str, dict] = {}
     for _, d in kinds["latency"]:
-        rows.setdefault(Path(d["model"]).stem, {}).update(
+        row = Path(d["model"]).stem
+        if uses_decode_kernel(d):
+            row += f" (decode kernel, {d.get('block_size')}-token pages)"
+        rows.setdefault(row, {}).update(
             decode=d["decode"]["tokens_per_s"], ttft=1000 * d["prefill"]["ttft_s"],
             device=d["device"])
+        if d.get("startup") and uses_decode_kernel(d):
+            rows[row].update(cold=d["startup"].get("cold_s"), warm=d["startup"].get("warm_s"))
     for _, d in kinds["offline"]:
         if d.get("benchmark") in ("offline-1k1k", "offline-nanovllm") and d.get("model"):
             key = "tput_1k1k" if d["benchmark"] == "offline-1k1k" else "tput_nano"

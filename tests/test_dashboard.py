@@ -37,3 +37,19 @@ def test_dashboard_names_the_commit_a_result_measured(tmp_path):
     (tmp_path / "latency-x.json").write_text(json.dumps(result))
     main(["--dir", str(tmp_path)])
     assert "Code: 0123456789 with uncommitted changes." in (tmp_path / "README.md").read_text()
+
+
+def test_a_run_with_the_decode_kernel_gets_a_headline_row_of_its_own(tmp_path):
+    import json
+    usual = json.loads((BENCHMARKS / "latency-llama-3.1-8b.json").read_text())
+    kernel = json.loads((BENCHMARKS / "latency-llama-3.1-8b-decode-kernel.json").read_text())
+    (tmp_path / "usual.json").write_text(json.dumps(usual))
+    (tmp_path / "kernel.json").write_text(json.dumps(kernel))
+    main(["--dir", str(tmp_path)])
+    readme = (tmp_path / "README.md").read_text()
+    row = [ln for ln in readme.splitlines() if ln.startswith("| llama-3.1-8b (decode kernel")]
+    assert len(row) == 1 and f"{kernel['decode']['tokens_per_s']:.1f}" in row[0]
+    assert f"{kernel['startup']['cold_s']:.1f} / {kernel['startup']['warm_s']:.1f}" in row[0]
+    usual_row = [ln for ln in readme.splitlines() if ln.startswith("| llama-3.1-8b |")]
+    assert len(usual_row) == 1 and f"{usual['decode']['tokens_per_s']:.1f}" in usual_row[0]
+    assert f"Code: {kernel['commit'][:10]}." in readme   # the run's own commit field
