@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import pathlib
 
@@ -18,6 +19,7 @@ import jax
 from jax import export
 
 _PACKAGES = ("atom_jax", "models", "kernels_pallas")
+logger = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -58,8 +60,11 @@ def exported_jit(fn, static: tuple, args: tuple, *, cache_dir: str | None,
             exported = None
     if exported is None:
         exported = export.export(jax.jit(bound), platforms=[platform])(*args)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_suffix(f".{os.getpid()}.part")
-        part.write_bytes(exported.serialize())
-        os.replace(part, path)   # whole files only, even with several processes at once
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            part = path.with_suffix(f".{os.getpid()}.part")
+            part.write_bytes(exported.serialize())
+            os.replace(part, path)   # whole files only, even with several processes at once
+        except OSError as e:   # a cache that cannot be written costs the next start, no more
+            logger.warning("could not keep the exported program in %s: %s", cache_dir, e)
     return jax.jit(exported.call, donate_argnums=donate_argnums)

@@ -65,3 +65,12 @@ def test_a_setting_that_changes_the_trace_names_another_file(tmp_path):
     with jax.default_matmul_precision("highest"):
         exported_jit(scaled_sum, (2.0,), (x, y), cache_dir=str(tmp_path))
     assert traced == [2.0, 2.0] and len(files(tmp_path)) == 2
+
+
+def test_a_cache_that_cannot_be_written_only_warns(tmp_path, caplog):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    x, y = jnp.arange(2.0), jnp.ones(2)
+    program = exported_jit(scaled_sum, (2.0,), (x, y), cache_dir=str(blocked / "exports"))
+    np.testing.assert_allclose(program(x, y)[0], [1, 3])
+    assert "could not keep the exported program" in caplog.text
