@@ -50,10 +50,12 @@ def test_no_compilation_while_serving_and_the_guard_catches_one(llm):
     assert runner.guard is not None  # armed by start-up compilation
     llm.generate(["One", "Two words", "A somewhat longer prompt " * 8],
                  SamplingParams(temperature=0.7, top_k=20, max_tokens=6, repetition_penalty=1.2))
-    # A shape outside every bucket must fail loudly instead of compiling silently.
+    # A shape outside every bucket must fail loudly, naming what compiled, instead of
+    # compiling silently.
     inputs = runner._padded_inputs(runner.buckets[0] + 1)
     sp, _ = runner.prepare_sampling(ScheduledBatch([], []), len(inputs["seq_lens"]))
-    with pytest.raises(CompileWhileServingError, match=r"XLA compilation\(s\) .*\(jit\(_forward_step\)"):
+    with pytest.raises(CompileWhileServingError,
+                       match=r"XLA compilation\(s\) .*\(jit\(_forward_step\)"):
         with runner.guard:
             runner.run(inputs, sp, None)
 
