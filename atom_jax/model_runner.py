@@ -446,12 +446,13 @@ class ModelRunner:
         if self.decode_kernel:   # the smallest bucket, which a one-token step takes
             packed, layout = pack_host_arrays(self._padded_inputs(self.buckets[0]))
             jobs.append(functools.partial(self._lower_decode_kernel, packed, layout))
+        # committed where the logits will be (see __init__)
+        logits_sharding = (None if self.device is None
+                           else jax.sharding.SingleDeviceSharding(self.device))
         for s_pad in sorted({min(t, self.max_num_seqs) for t in self.buckets}):
             # the sampler compiles from the logits' shape alone
-            committed = self.device is not None   # as the logits will be
-            logits = jax.ShapeDtypeStruct(
-                (s_pad, self.model_config.vocab_size), jnp.float32,
-                sharding=jax.sharding.SingleDeviceSharding(self.device) if committed else None)
+            logits = jax.ShapeDtypeStruct((s_pad, self.model_config.vocab_size), jnp.float32,
+                                          sharding=logits_sharding)
             variants = [(False, mode) for mode in SAMPLING_MODES] + [(True, "filter")]
             for with_penalties, mode in variants:
                 sp, history = self.prepare_sampling(ScheduledBatch([], []), s_pad, with_penalties)

@@ -241,12 +241,13 @@ def headline_section(kinds) -> list[str]:
     rows: dict[str, dict] = {}
     for _, d in kinds["latency"]:
         row = Path(d["model"]).stem
-        if uses_decode_kernel(d):
+        kernel = uses_decode_kernel(d)
+        if kernel:
             row += f" (decode kernel, {d.get('block_size')}-token pages)"
         rows.setdefault(row, {}).update(
             decode=d["decode"]["tokens_per_s"], ttft=1000 * d["prefill"]["ttft_s"],
             device=d["device"])
-        if d.get("startup") and uses_decode_kernel(d):
+        if kernel and d.get("startup"):   # the usual rows take theirs from startup-*.json
             rows[row].update(cold=d["startup"].get("cold_s"), warm=d["startup"].get("warm_s"))
     for _, d in kinds["offline"]:
         if d.get("benchmark") in ("offline-1k1k", "offline-nanovllm") and d.get("model"):
