@@ -122,13 +122,14 @@ class EngineCore:
         on_gpu = jax.default_backend() != "cpu"
         dtype = _DTYPES.get(config.dtype) or (jnp.bfloat16 if on_gpu else jnp.float32)
         self.dtype = dtype
+        self.kv_cache_dtype = jnp.float8_e4m3fn if config.kv_cache_dtype == "fp8" else dtype
 
         self.startup_times: dict[str, float] = {}  # seconds per start-up phase, for logs and benchmarks
         t0 = time.perf_counter()
         model_config, params, kind, path, gguf_fields = load_model(config.model, dtype,
                                                                    config.load_format)
         params, model_config, decode_kernel = setup_decode_kernel(
-            config.decode_kernel, get_model_module(model_config), model_config, params, dtype,
+            "off" if config.kv_cache_dtype == "fp8" else config.decode_kernel, get_model_module(model_config), model_config, params, dtype,
             config.block_size)
         jax.block_until_ready((params, decode_kernel and decode_kernel.weights))
         self.startup_times["load_s"] = time.perf_counter() - t0
@@ -162,7 +163,8 @@ class EngineCore:
             max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
             attn_impl=config.attn_impl, eos_token_ids=self.eos_token_ids,
             num_scheduler_steps=steps, multi_step_max_seqs=config.multi_step_max_seqs,
-            multi_step_auto=config.num_scheduler_steps is None, decode_kernel=decode_kernel)
+            multi_step_auto=config.num_scheduler_steps is None, decode_kernel=decode_kernel,
+            kv_cache_dtype=self.kv_cache_dtype)
         jax.block_until_ready(self.runner.kv_cache)
         self.startup_times["kv_cache_s"] = time.perf_counter() - t0
         if config.compile_at_startup:
@@ -180,10 +182,11 @@ class EngineCore:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, budget, steps,
                                    max(self.runner.multi_step_buckets, default=0))
         kv_tokens = num_blocks * config.block_size
-        logger.info("start-up: %s; %d KV blocks of %d tokens: %d tokens, %.1f sequences of "
-                    "max_model_len %d at once",
+        logger.info("start-up: %s; %d KV blocks of %d tokens (%s): %d tokens, %.1f sequences "
+                    "of max_model_len %d at once",
                     ", ".join(f"{k} {v:.1f}" for k, v in self.startup_times.items()),
-                    num_blocks, config.block_size, kv_tokens, kv_tokens / self.max_model_len,
+                    num_blocks, config.block_size, jnp.dtype(self.kv_cache_dtype).name,
+                    kv_tokens, kv_tokens / self.max_model_len,
                     self.max_model_len)
         self.requests: dict[str, _Request] = {}
         self._seq_to_request: dict[str, tuple[_Request, int]] = {}
@@ -194,7 +197,7 @@ class EngineCore:
     def _blocks_for_memory(self, on_gpu: bool) -> int:
         mc = self.model_config
         bytes_per_block = (2 * mc.num_layers * self.config.block_size * mc.num_kv_heads
-                           * mc.head_dim * jnp.dtype(self.dtype).itemsize)
+                           * mc.head_dim * jnp.dtype(self.kv_cache_dtype).itemsize)
         if self.config.kv_cache_memory_gb is not None:
             budget = self.config.kv_cache_memory_gb * 2**30
         elif on_gpu:

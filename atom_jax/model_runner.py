@@ -235,7 +235,8 @@ class ModelRunner:
                  max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
                  attn_impl: str = "auto", eos_token_ids=(), num_scheduler_steps: int = 1,
                  multi_step_max_seqs: int = 0, multi_step_auto: bool = False,
-                 decode_kernel: DecodeKernel | None = None):
+                 decode_kernel: DecodeKernel | None = None, kv_cache_dtype=None):
+        """kv_cache_dtype: the K/V cache's dtype; None: the model's (dtype)."""
         # With the decode kernel, its step is a jax.export module (see _decode_kernel_program),
         # whose outputs are committed to the device. A committed input makes another program
         # to XLA, so there every array the programs take is committed (no copy is made), and
@@ -265,11 +266,12 @@ class ModelRunner:
         self.decode_kernel_steps = 0  # steps it ran
         self._decode_kernel_programs = {}  # its jitted step per input layout
         shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
+        kv_dtype = kv_cache_dtype or dtype
         if decode_kernel:   # which reaches every layer's cache in one array
             self.kv_cache = self._commit(
-                allocate_kv_cache(model_config.num_layers, shape, dtype, stacked=True))
+                allocate_kv_cache(model_config.num_layers, shape, kv_dtype, stacked=True))
         else:
-            self.kv_cache = allocate_kv_cache(model_config.num_layers, shape, dtype)
+            self.kv_cache = allocate_kv_cache(model_config.num_layers, shape, kv_dtype)
         # The last launched step's sampled tokens (padded to max_num_seqs rows) and the row
         # of each sequence in it, so the next step can start before they reach the host.
         self.last_tokens = self._commit(jnp.zeros(max_num_seqs, jnp.int32))

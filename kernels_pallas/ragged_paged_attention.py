@@ -19,6 +19,17 @@ import jax.numpy as jnp
 _REFERENCE_Q_TILE = 8
 # ...and walk the context this many tokens at a time.
 _REFERENCE_KV_CHUNK = 128
+# float8_e4m3fn's largest finite value; it has no infinity, so a plain cast of anything
+# larger gives NaN.
+FP8_MAX = 448.0
+
+
+def to_cache_dtype(x, dtype):
+    """x cast for a cache of `dtype`: into float8 saturated at +-FP8_MAX (a scale of 1, as
+    vLLM's fp8 cache without calibrated scales), any other dtype a plain cast."""
+    if jnp.dtype(dtype) == jnp.float8_e4m3fn:
+        x = jnp.clip(x, -FP8_MAX, FP8_MAX)
+    return x.astype(dtype)
 
 
 def write_kv_to_pages(k_cache, v_cache, k, v, slot_mapping):
@@ -29,8 +40,8 @@ def write_kv_to_pages(k_cache, v_cache, k, v, slot_mapping):
     """
     num_pages, page_size, hkv, d = k_cache.shape
     flat = (num_pages * page_size, hkv, d)
-    k_cache = k_cache.reshape(flat).at[slot_mapping].set(k.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.reshape(flat).at[slot_mapping].set(v.astype(v_cache.dtype), mode="drop")
+    k_cache = k_cache.reshape(flat).at[slot_mapping].set(to_cache_dtype(k, k_cache.dtype), mode="drop")
+    v_cache = v_cache.reshape(flat).at[slot_mapping].set(to_cache_dtype(v, v_cache.dtype), mode="drop")
     return k_cache.reshape(num_pages, page_size, hkv, d), v_cache.reshape(num_pages, page_size, hkv, d)
 
 
@@ -54,6 +65,8 @@ def ragged_paged_attention_reference(
     *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
 ):
     """Plain XLA ragged paged attention; the correctness reference for the kernels.
+
+    A cache in another dtype than q (float8) is read and upcast to q's dtype.
 
     Query tiles of one sequence walk its pages a chunk at a time with an online softmax, for
     only as many chunks as the longest context in the batch needs (a dynamic loop bound), so
@@ -89,8 +102,8 @@ def ragged_paged_attention_reference(
     def body(j, carry):
         m, l, acc = carry
         pages = jax.lax.dynamic_slice_in_dim(tables, j * pages_per_chunk, pages_per_chunk, axis=1)
-        kt = k_cache[pages].reshape(n, chunk, num_kv_heads, head_dim)
-        vt = v_cache[pages].reshape(n, chunk, num_kv_heads, head_dim)
+        kt = k_cache[pages].reshape(n, chunk, num_kv_heads, head_dim).astype(q.dtype)
+        vt = v_cache[pages].reshape(n, chunk, num_kv_heads, head_dim).astype(q.dtype)
         k_pos = j * chunk + jnp.arange(chunk, dtype=jnp.int32)
         mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < kv_len[:, None, None])
         if sliding_window is not None:

@@ -69,6 +69,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels_pallas.ragged_paged_attention import to_cache_dtype
+
 # --------------------------------------------------------------------------------------
 # Triton parameters: the only place where block sizes, warps and stages are chosen.
 # --------------------------------------------------------------------------------------
@@ -289,7 +291,7 @@ def _write_new_rows(q_ref, slot_ref, k_ref, v_ref, new_kv_heads, kv_head, tok0, 
     mask = jnp.broadcast_to(mask, (w.shape[0], dp))
     for head0, ref in zip(new_kv_heads, (k_ref, v_ref)):
         rows = plgpu.load(_row_ref(q_ref, tok0 + w, head0 + kv_head, dp), mask=mask, other=0)
-        plgpu.store(_row_ref(ref, slot, kv_head, dp), rows.astype(ref.dtype), mask=mask)
+        plgpu.store(_row_ref(ref, slot, kv_head, dp), to_cache_dtype(rows, ref.dtype), mask=mask)
 
 
 def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: KernelConfig,
@@ -412,7 +414,7 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
             alpha = jnp.exp2(m_i - m_use)
             p = jnp.exp2(s - m_use[:, None])
             l_i = l_i * alpha + jnp.sum(p, axis=1)
-            v = load_rows(v_ref)
+            v = load_rows(v_ref).astype(q.dtype)  # a float8 cache is upcast, p stays 16-bit
             pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32)
             acc = acc * alpha[:, None] + pv

@@ -92,6 +92,7 @@ def build_llm(args, max_num_seqs: int):
                                        compile_threads=getattr(args, "compile_threads", None),
                                        num_scheduler_steps=getattr(args, "num_scheduler_steps", None),
                                        decode_kernel=getattr(args, "decode_kernel", "off"),
+                                       kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
                                        block_size=getattr(args, "block_size", 16)))
     return llm, time.perf_counter() - t
 

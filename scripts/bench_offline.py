@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def engine_runs(args):
+    import jax.numpy as jnp
+
     from atom_jax import SamplingParams
     from scripts.bench_common import build_llm
 
@@ -95,6 +97,8 @@ def throughput_run(args) -> dict:
     """One of WORKLOADS with random token ids and ignore_eos, as nano-vllm's bench.py does."""
     import random
 
+    import jax.numpy as jnp
+
     from atom_jax import SamplingParams
     from scripts.bench_common import (build_llm, device_name, multi_step_info, versions,
                                       write_json)
@@ -119,6 +123,7 @@ def throughput_run(args) -> dict:
         "input_tokens": in_tokens, "output_tokens": out_tokens, "seconds": seconds,
         "output_tok_per_s": out_tokens / seconds, "total_tok_per_s": (in_tokens + out_tokens) / seconds,
         "engine_start_s": startup, "max_num_seqs": args.max_num_seqs,
+        "kv_cache_dtype": jnp.dtype(llm.engine.kv_cache_dtype).name,
         "kv_cache_tokens": llm.engine.runner.num_blocks * llm.engine.runner.block_size,
         "gpu_memory_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
         "max_num_batched_tokens": args.max_num_batched_tokens,
@@ -128,6 +133,7 @@ def throughput_run(args) -> dict:
         "multi_step": multi_step_info(llm.engine),
     }
     name = Path(args.model).stem if args.model else "smollm2-135m"  # None: the embedded model
+    name += "-fp8kv" if args.kv_cache_dtype == "fp8" else ""
     write_json(args.out if args.out != DEFAULT_OUT else f"docs/benchmarks/offline-{args.workload}-{name}.json", result)
     print(f"\n{args.workload} on {result['device']}: {n} requests, {out_tokens} output tokens in "
           f"{seconds:.1f} s -> {result['output_tok_per_s']:.0f} output tok/s, "
@@ -155,6 +161,8 @@ def main():
     parser.add_argument("--workload", default="streams", choices=["streams", *WORKLOADS])
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--requests", type=int, default=None, help="override the workload's count")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                        help="EngineConfig.kv_cache_dtype (throughput workloads)")
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()
     streams = args.workload == "streams"

@@ -140,7 +140,8 @@ def offline_section(name, data, out_dir: Path) -> list[str]:
     else:
         lines += [f"{data['requests']} requests on {data['device']}: "
                   f"{data['output_tok_per_s']:.0f} output tok/s, {data['total_tok_per_s']:.0f} total tok/s."
-                  f"{measured_code(data)}"]
+                  + (f" K/V cache: {data['kv_cache_dtype']}." if data.get("kv_cache_dtype") else "")
+                  + measured_code(data)]
     return lines + [""]
 
 
@@ -236,8 +237,8 @@ def uses_decode_kernel(data) -> bool:
 
 
 def headline_section(kinds) -> list[str]:
-    """One row per model shape (and one more where a latency run used the decode kernel):
-    the figures the GPU goals are about."""
+    """One row per model shape (and one more where a latency run used the decode kernel,
+    or a throughput run a float8 K/V cache): the figures the GPU goals are about."""
     rows: dict[str, dict] = {}
     for _, d in kinds["latency"]:
         row = Path(d["model"]).stem
@@ -252,7 +253,10 @@ def headline_section(kinds) -> list[str]:
     for _, d in kinds["offline"]:
         if d.get("benchmark") in ("offline-1k1k", "offline-nanovllm") and d.get("model"):
             key = "tput_1k1k" if d["benchmark"] == "offline-1k1k" else "tput_nano"
-            rows.setdefault(Path(d["model"]).stem, {})[key] = d["output_tok_per_s"]
+            row = Path(d["model"]).stem
+            if d.get("kv_cache_dtype", "bfloat16").startswith("float8"):
+                row += " (float8 K/V cache)"
+            rows.setdefault(row, {})[key] = d["output_tok_per_s"]
     for _, d in kinds["startup"]:
         s = d["startup"]
         rows.setdefault(Path(d["model"]).stem, {}).update(cold=s.get("cold_s"), warm=s.get("warm_s"))

@@ -53,3 +53,19 @@ def test_a_run_with_the_decode_kernel_gets_a_headline_row_of_its_own(tmp_path):
     usual_row = [ln for ln in readme.splitlines() if ln.startswith("| llama-3.1-8b |")]
     assert len(usual_row) == 1 and f"{usual['decode']['tokens_per_s']:.1f}" in usual_row[0]
     assert f"Code: {kernel['commit'][:10]}." in readme   # the run's own commit field
+
+
+def test_a_throughput_run_with_a_float8_cache_gets_a_headline_row_of_its_own(tmp_path):
+    import json
+    usual = json.loads((BENCHMARKS / "offline-1k1k-llama-3.1-8b.json").read_text())
+    fp8 = dict(usual, output_tok_per_s=usual["output_tok_per_s"] * 1.25,
+               kv_cache_dtype="float8_e4m3fn")
+    (tmp_path / "usual.json").write_text(json.dumps(usual))
+    (tmp_path / "fp8.json").write_text(json.dumps(fp8))
+    main(["--dir", str(tmp_path)])
+    lines = (tmp_path / "README.md").read_text().splitlines()
+    fp8_row = [ln for ln in lines if ln.startswith("| llama-3.1-8b (float8 K/V cache) |")]
+    usual_row = [ln for ln in lines if ln.startswith("| llama-3.1-8b |")]
+    assert len(fp8_row) == 1 and f"| {fp8['output_tok_per_s']:.0f} |" in fp8_row[0]
+    assert len(usual_row) == 1 and f"| {usual['output_tok_per_s']:.0f} |" in usual_row[0]
+    assert any("K/V cache: float8_e4m3fn." in ln for ln in lines)

@@ -147,6 +147,17 @@ def test_decode_kernel_on_needs_a_hopper_gpu(tmp_path):
         EngineCore(model=str(tmp_path), load_format="dummy", decode_kernel="yes")
 
 
+def test_the_kv_cache_dtype_is_checked_and_fp8_turns_the_kernel_away():
+    """The kernel reads a cache in the model's dtype: asked for with an fp8 cache, the
+    engine says so before loading anything; an unknown cache dtype is named."""
+    from atom_jax.config import EngineConfig
+    with pytest.raises(ValueError, match="decode_kernel on needs a cache in the model's dtype"):
+        EngineConfig(decode_kernel="on", kv_cache_dtype="fp8").validate()
+    with pytest.raises(ValueError, match="kv_cache_dtype must be auto or fp8, got 'int8'"):
+        EngineConfig(kv_cache_dtype="int8").validate()
+    EngineConfig(decode_kernel="auto", kv_cache_dtype="fp8").validate()  # auto: kernel off
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("block_size,context", [(16, 100), (16, 1023), (128, 300), (64, 300)])
 def test_decode_kernel_matches_the_usual_step(block_size, context):

@@ -406,3 +406,100 @@ def test_write_kv_and_attend_matches_reference(case, interpret):
         b.q, *write_kv_to_pages(b.k_clean, b.v_clean, kv_new[:, :hkv], kv_new[:, hkv:], slots),
         *meta, sm_scale=d ** -0.5, **masks)
     np.testing.assert_allclose(out, np.asarray(ref[:n].astype(jnp.float32)), **TOL[dtype])
+
+
+# --------------------------------------------------------------------------------------
+# A float8 cache (EngineConfig.kv_cache_dtype "fp8"): read upcast, written saturated.
+# --------------------------------------------------------------------------------------
+
+FP8 = jnp.float8_e4m3fn
+
+
+def with_fp8_cache(b: Batch) -> Batch:
+    return dataclasses.replace(b, **{name: getattr(b, name).astype(FP8) for name in
+                                     ("k_clean", "v_clean", "k_poison", "v_poison")})
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case", [RAGGED_CASES[1], RAGGED_CASES[3]],
+                         ids=[RAGGED_CASES[1][0], RAGGED_CASES[3][0]])
+def test_kernel_reads_a_float8_cache(case, interpret):
+    """Kernel and reference read the same float8 values, so they agree as closely as with
+    a cache in q's dtype (bf16 and float32 queries, context splits forced)."""
+    _, seed, num_seqs, max_ctx, max_q, decode_frac, hq, hkv, d, ps, dtype, kw = case
+    rng = np.random.default_rng(seed)
+    q_lens, kv_lens = ragged_lengths(rng, num_seqs, max_ctx=max_ctx, max_q=max_q,
+                                     decode_frac=decode_frac)
+    b = make_batch(rng, q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                   page_size=ps, dtype=dtype)
+    run_and_check(with_fp8_cache(b), dtype, interpret=interpret, **kw)
+
+
+def test_a_float8_cache_stays_close_to_bf16():
+    """The rounding a float8 cache adds: a few percent of the output (e4m3 keeps 3 bits of
+    mantissa), nowhere near a wrong answer."""
+    rng = np.random.default_rng(2)
+    q_lens, kv_lens = ragged_lengths(rng, 12, max_ctx=2048, max_q=300, decode_frac=0.4)
+    b = make_batch(rng, q_lens, kv_lens, num_q_heads=16, num_kv_heads=2, head_dim=128,
+                   page_size=16, dtype=jnp.bfloat16)
+    meta = (b.kv_lens, b.block_tables, b.query_start_loc)
+    bf16, fp8 = (np.asarray(ragged_paged_attention_reference(
+        c.q, c.k_clean, c.v_clean, *meta, sm_scale=128 ** -0.5)[:b.num_tokens], np.float32)
+        for c in (b, with_fp8_cache(b)))
+    rel = np.linalg.norm(fp8 - bf16) / np.linalg.norm(bf16)
+    assert 1e-3 < rel < 0.06, rel
+
+
+def test_write_kv_to_a_float8_cache_saturates():
+    """Values past float8's largest finite value (448) are stored as +-448: a plain cast
+    would store NaN, which would poison every later score of the sequence."""
+    cache = jnp.zeros((2, 4, 1, 4), FP8)
+    k = jnp.asarray([[[1000.0, -1e4, 3.0, 0.1]]], jnp.bfloat16)
+    k_out, v_out = write_kv_to_pages(cache, cache, k, -k, jnp.asarray([5], jnp.int32))
+    assert k_out.dtype == FP8
+    np.testing.assert_array_equal(np.asarray(k_out, np.float32).reshape(8, 4)[5],
+                                  [448.0, -448.0, 3.0, float(jnp.asarray(0.1, FP8))])
+    np.testing.assert_array_equal(np.asarray(v_out, np.float32).reshape(8, 4)[5],
+                                  [-448.0, 448.0, -3.0, -float(jnp.asarray(0.1, FP8))])
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case", [WRITE_CASES[1], WRITE_CASES[5]],
+                         ids=[WRITE_CASES[1][0], WRITE_CASES[5][0]])
+def test_write_kv_and_attend_into_a_float8_cache(case, interpret):
+    """The kernel's own K/V writes into a float8 cache (inside the decode launch, and in
+    the separate write launch) store exactly what the reference stores, saturation
+    included, and attention over them matches."""
+    _, q_lens, ctx_lens, kw = case
+    rng = np.random.default_rng(113)
+    hq, hkv, d, ps, dtype = 8, 2, 128, 16, jnp.bfloat16
+    b = with_fp8_cache(make_batch(rng, q_lens, ctx_lens, num_q_heads=hq, num_kv_heads=hkv,
+                                  head_dim=d, page_size=ps, dtype=dtype, pad_seqs=1,
+                                  pad_tokens=1))
+    t = b.q.shape[0]
+    kv_new = rng.standard_normal((t, 2 * hkv, d))
+    # Column 0 past float8's range, saturated on the way in. The queries' column 0 is
+    # zero, so the saturated keys leave the scores alone (scores in the hundreds would
+    # make any two softmax implementations differ in the rounding of near-ties).
+    kv_new[:, :, 0] *= 1000.0
+    b = dataclasses.replace(b, q=b.q.at[:, :, 0].set(0))
+    qkv = jnp.concatenate([b.q, jnp.asarray(kv_new, dtype)], axis=1)
+    slots = jnp.asarray(new_token_slots(b, ps))
+    meta = (b.kv_lens, b.block_tables, b.query_start_loc)
+    want, want_k, want_v = write_kv_and_attend(qkv, b.k_clean, b.v_clean, slots, *meta,
+                                               sm_scale=d ** -0.5, impl="xla")
+    out, k_cache, v_cache = write_kv_and_attend_pallas(
+        qkv, b.k_poison, b.v_poison, slots, *meta, sm_scale=d ** -0.5, interpret=interpret,
+        out_init=jnp.full_like(b.q, jnp.nan), **kw)
+    assert k_cache.dtype == FP8 and np.isfinite(np.asarray(want_k, np.float32)).all()
+    used = np.isfinite(np.asarray(b.k_poison, np.float32)) | np.isfinite(
+        np.asarray(k_cache, np.float32))
+    for got, ref in ((k_cache, want_k), (v_cache, want_v)):
+        np.testing.assert_array_equal(np.asarray(got, np.float32)[used],
+                                      np.asarray(ref, np.float32)[used])
+    n = b.num_tokens
+    out, want = np.asarray(out[:n], np.float32), np.asarray(want[:n], np.float32)
+    np.testing.assert_allclose(out[..., 1:], want[..., 1:], **TOL[dtype])
+    # Column 0 mixes values of +-448 with ones near 1: the 16-bit softmax weights' rounding
+    # is absolute there (448 x 2^-9 per weight).
+    np.testing.assert_allclose(out[..., 0], want[..., 0], rtol=2e-2, atol=0.5)

@@ -76,3 +76,16 @@ def test_generate_cli_reports_bad_input():
     out = subprocess.run([sys.executable, "-m", "atom_jax.generate", "--prompt", "hi",
                           "--temperature", "-1"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 2 and "temperature" in out.stderr
+
+
+def test_the_kv_cache_dtype_flag_reaches_the_engine_config():
+    import argparse
+
+    from atom_jax.cli_args import add_engine_args, engine_config_from_args
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert engine_config_from_args(parser.parse_args([])).kv_cache_dtype == "auto"
+    config = engine_config_from_args(parser.parse_args(["--kv-cache-dtype", "fp8"]))
+    assert config.kv_cache_dtype == "fp8"
+    with pytest.raises(SystemExit):  # argparse names the choices on stderr
+        parser.parse_args(["--kv-cache-dtype", "int4"])
