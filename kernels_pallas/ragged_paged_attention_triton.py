@@ -290,7 +290,7 @@ def _write_new_rows(q_ref, slot_ref, k_ref, v_ref, new_kv_heads, kv_head, tok0, 
         mask = mask & (jnp.arange(dp, dtype=jnp.int32) < head_dim)[None, :]
     mask = jnp.broadcast_to(mask, (w.shape[0], dp))
     for head0, ref in zip(new_kv_heads, (k_ref, v_ref)):
-        rows = plgpu.load(_row_ref(q_ref, tok0 + w, head0 + kv_head, dp), mask=mask, other=0)
+        rows = plgpu.load(_row_ref(q_ref, tok0 + w, head0 + kv_head, dp), mask=mask, other=0.0)
         plgpu.store(_row_ref(ref, slot, kv_head, dp), to_cache_dtype(rows, ref.dtype), mask=mask)
 
 
@@ -344,7 +344,7 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
     def masked_load(ref, mask, n):
         if dmask is not None:
             mask = mask & dmask
-        return plgpu.load(ref, mask=jnp.broadcast_to(mask, (n, dp)), other=0)
+        return plgpu.load(ref, mask=jnp.broadcast_to(mask, (n, dp)), other=0.0)
 
     kv_end = pos0 + ntok  # exclusive; the last row sees keys [.., kv_end)
     b_lo, s_lo, s_hi, _ = _split_blocks(pos0, ntok, split, num_splits=num_splits,
