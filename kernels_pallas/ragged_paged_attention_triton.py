@@ -125,6 +125,9 @@ FUSED_COMBINE = False
 # batch 1, context 32k, 16 splits, and 11.4 us with 32 splits on the H200), and the
 # standalone K/V write launch.
 COMBINE_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+# The dtype a float8 cache's K/V (and with them q and the softmax weights) are upcast to
+# for the matrix units, where q is 16-bit.
+FP8_COMPUTE_DTYPE = jnp.bfloat16
 # Multiprocessor count used when the device does not report one (interpret mode on CPU).
 DEFAULT_NUM_SMS = 132
 
@@ -357,6 +360,8 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
     def _():
         q = masked_load(_row_ref(q_ref, tok0 + row_tok, row_head, dp), row_ok[:, None],
                         block_m)
+        if jnp.dtype(k_ref.dtype).itemsize == 1 and jnp.dtype(q.dtype).itemsize == 2:
+            q = q.astype(FP8_COMPUTE_DTYPE)
         if new_kv_heads is not None:
             _write_new_rows(q_ref, slot_ref, k_ref, v_ref, new_kv_heads, kv_head, tok0, ntok,
                             pos0, s_lo * block_n, s_hi * block_n, decode_max_q, dp, head_dim)

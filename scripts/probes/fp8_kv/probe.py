@@ -53,11 +53,15 @@ def case(pool, k, v, q_lens, ctx_lens, copy, configs, max_q_len):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--compute", default="bfloat16", choices=["bfloat16", "float16"],
+                    help="rpa.FP8_COMPUTE_DTYPE for this process")
     args = ap.parse_args()
+    rpa.FP8_COMPUTE_DTYPE = jnp.dtype(args.compute)
     copy = bk.copy_bandwidth()["copy_GBps"]
     pool = bk.Pool(2 * 256 * 1408 + 64 * bk.PAGE)
     k8, v8 = pool.k.astype(FP8), pool.v.astype(FP8)
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "fp8_compute_dtype": args.compute,
               "copy_GBps": copy, "cases": {}}
     for name, q_lens, ctx_lens, max_q in (
             ("decode-256x1400", [1] * 256, [1400] * 256, 1),
@@ -69,7 +73,7 @@ def main():
             "fp8": case(pool, k8, v8, q_lens, ctx_lens, copy, configs, max_q)}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"\ncopy {copy:.0f} GB/s")
+    print(f"\ncopy {copy:.0f} GB/s; a float8 cache upcast to {args.compute}")
     print("case | cache | config | us | K/V GB/s | of copy | rel err")
     for name, c in result["cases"].items():
         for rows in c.values():
