@@ -53,10 +53,12 @@ def case(pool, k, v, q_lens, ctx_lens, copy, configs, max_q_len):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--compute", default="bfloat16", choices=["bfloat16", "float16"],
-                    help="rpa.FP8_COMPUTE_DTYPE for this process")
+    ap.add_argument("--compute", default=None, choices=["bfloat16", "float16"],
+                    help="rpa.FP8_COMPUTE_DTYPE for this process (default: the kernel's)")
     args = ap.parse_args()
-    rpa.FP8_COMPUTE_DTYPE = jnp.dtype(args.compute)
+    if args.compute:
+        rpa.FP8_COMPUTE_DTYPE = jnp.dtype(args.compute)
+    args.compute = jnp.dtype(rpa.FP8_COMPUTE_DTYPE).name
     copy = bk.copy_bandwidth()["copy_GBps"]
     pool = bk.Pool(2 * 256 * 1408 + 64 * bk.PAGE)
     k8, v8 = pool.k.astype(FP8), pool.v.astype(FP8)
