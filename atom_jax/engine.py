@@ -128,8 +128,9 @@ class EngineCore:
         t0 = time.perf_counter()
         model_config, params, kind, path, gguf_fields = load_model(config.model, dtype,
                                                                    config.load_format)
+        kernel_mode = "off" if config.kv_cache_dtype == "fp8" else config.decode_kernel
         params, model_config, decode_kernel = setup_decode_kernel(
-            "off" if config.kv_cache_dtype == "fp8" else config.decode_kernel, get_model_module(model_config), model_config, params, dtype,
+            kernel_mode, get_model_module(model_config), model_config, params, dtype,
             config.block_size)
         jax.block_until_ready((params, decode_kernel and decode_kernel.weights))
         self.startup_times["load_s"] = time.perf_counter() - t0

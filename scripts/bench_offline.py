@@ -22,8 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def engine_runs(args):
-    import jax.numpy as jnp
-
     from atom_jax import SamplingParams
     from scripts.bench_common import build_llm
 
