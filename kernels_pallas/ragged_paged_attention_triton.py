@@ -109,7 +109,8 @@ SPLIT_DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, num_warps=4, num_stag
 # DECODE_CONFIG on the same cache and DECODE_CONFIG on a bf16 cache: 256 decodes at 1,400
 # tokens 264.8 / 298.5 / 332.9; 64 at 4k 184.5 / 272.3 / 243.4 (block_n 128 with 2 stages
 # 267.6 and 184.6; 256 with 2 stages 348.5 and 234.2). It reads 0.65-0.68 of the copy
-# bandwidth's worth of K/V: the upcast, not memory, sets its pace.
+# bandwidth's worth of K/V: something other than memory (the upcast, or the layout change
+# before the matrix units) sets its pace.
 FP8_DECODE_CONFIG = KernelConfig(block_m=16, block_n=128, num_warps=4, num_stages=3)
 # Float32 operands (or head_dim > 128) need half the shared memory per stage.
 DECODE_CONFIG_WIDE = KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)
