@@ -24,10 +24,15 @@ _REFERENCE_KV_CHUNK = 128
 FP8_MAX = 448.0
 
 
+def is_float8(dtype) -> bool:
+    """Whether a cache of `dtype` is the float8 one (EngineConfig.kv_cache_dtype "fp8")."""
+    return jnp.dtype(dtype) == jnp.float8_e4m3fn
+
+
 def to_cache_dtype(x, dtype):
     """x cast for a cache of `dtype`: into float8 saturated at +-FP8_MAX (a scale of 1, as
     vLLM's fp8 cache without calibrated scales), any other dtype a plain cast."""
-    if jnp.dtype(dtype) == jnp.float8_e4m3fn:
+    if is_float8(dtype):
         x = jnp.clip(x, -FP8_MAX, FP8_MAX)
     return x.astype(dtype)
 

@@ -69,7 +69,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels_pallas.ragged_paged_attention import to_cache_dtype
+from kernels_pallas.ragged_paged_attention import is_float8, to_cache_dtype
 
 # --------------------------------------------------------------------------------------
 # Triton parameters: the only place where block sizes, warps and stages are chosen.
@@ -157,7 +157,7 @@ def default_configs(dtype, head_dim: int, cache_dtype=None) -> tuple[KernelConfi
     `cache_dtype`, where it is float8)."""
     if _wide(dtype, head_dim):
         return DECODE_CONFIG_WIDE, PREFILL_CONFIG_WIDE
-    if cache_dtype is not None and jnp.dtype(cache_dtype).itemsize == 1:
+    if cache_dtype is not None and is_float8(cache_dtype):
         return FP8_DECODE_CONFIG, PREFILL_CONFIG
     return DECODE_CONFIG, PREFILL_CONFIG
 
@@ -374,7 +374,7 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
     def _():
         q = masked_load(_row_ref(q_ref, tok0 + row_tok, row_head, dp), row_ok[:, None],
                         block_m)
-        if jnp.dtype(k_ref.dtype).itemsize == 1 and jnp.dtype(q.dtype).itemsize == 2:
+        if is_float8(k_ref.dtype) and jnp.dtype(q.dtype).itemsize == 2:
             q = q.astype(FP8_COMPUTE_DTYPE)
         if new_kv_heads is not None:
             _write_new_rows(q_ref, slot_ref, k_ref, v_ref, new_kv_heads, kv_head, tok0, ntok,
