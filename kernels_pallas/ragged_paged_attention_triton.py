@@ -139,6 +139,8 @@ COMBINE_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
 # against bfloat16 (each with its best tile): 256 decodes at 1,400 tokens 264.8 / 358.8;
 # 64 at 4k 184.5 / 255.0.
 FP8_COMPUTE_DTYPE = jnp.float16
+# Probe only (scripts/probes/fp8_v): how V is read for the second matrix product.
+PROBE_V = None
 # Multiprocessor count used when the device does not report one (interpret mode on CPU).
 DEFAULT_NUM_SMS = 132
 
@@ -375,7 +377,10 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
         q = masked_load(_row_ref(q_ref, tok0 + row_tok, row_head, dp), row_ok[:, None],
                         block_m)
         if is_float8(k_ref.dtype) and jnp.dtype(q.dtype).itemsize == 2:
-            q = q.astype(FP8_COMPUTE_DTYPE)
+            # Clamped first: a bf16 q entry past float16's range would become inf, and
+            # inf * 0 a NaN score.
+            f16_max = float(jnp.finfo(FP8_COMPUTE_DTYPE).max)
+            q = jnp.minimum(jnp.maximum(q, -f16_max), f16_max).astype(FP8_COMPUTE_DTYPE)
         if new_kv_heads is not None:
             _write_new_rows(q_ref, slot_ref, k_ref, v_ref, new_kv_heads, kv_head, tok0, ntok,
                             pos0, s_lo * block_n, s_hi * block_n, decode_max_q, dp, head_dim)
@@ -433,9 +438,29 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
             alpha = jnp.exp2(m_i - m_use)
             p = jnp.exp2(s - m_use[:, None])
             l_i = l_i * alpha + jnp.sum(p, axis=1)
-            v = load_rows(v_ref).astype(q.dtype)  # a float8 cache is upcast, p stays 16-bit
-            pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
+            if PROBE_V == "paged_t":  # v_ref [pages, kv_heads, dp, page_size]
+                dims = jnp.arange(dp, dtype=jnp.int32)
+                view = v_ref.at[page[None, :], kv_head, dims[:, None],
+                                (kpos % page_size)[None, :]]
+                if masked:
+                    vt = plgpu.load(view, mask=jnp.broadcast_to(kv_ok[None, :], (dp, block_n)),
+                                    other=0.0)
+                else:
+                    vt = view[...]
+                vt = vt.astype(q.dtype)
+                pv = lax.dot_general(p.astype(vt.dtype), vt, (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+            elif PROBE_V == "contract_dims":  # timing only: wrong math, same shapes
+                v = load_rows(v_ref).astype(q.dtype)
+                pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+            elif PROBE_V == "sum_v":  # timing only: V loaded and upcast, no matrix product
+                v = load_rows(v_ref).astype(jnp.float32)
+                pv = jnp.broadcast_to(jnp.sum(v, axis=0)[None, :], (block_m, dp)) * alpha[:, None]
+            else:
+                v = load_rows(v_ref).astype(q.dtype)  # a float8 cache is upcast, p stays 16-bit
+                pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
             acc = acc * alpha[:, None] + pv
             return acc, m_new, l_i
 
@@ -767,7 +792,7 @@ def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_st
     block_tables = block_tables.astype(jnp.int32)
     query_start_loc = query_start_loc.astype(jnp.int32)
     k_flat = k_cache.reshape(num_pages * page_size, num_kv_heads, head_dim)
-    v_flat = v_cache.reshape(num_pages * page_size, num_kv_heads, head_dim)
+    v_flat = v_cache if PROBE_V == "paged_t" else v_cache.reshape(num_pages * page_size, num_kv_heads, head_dim)
     common = dict(group=group, head_dim=head_dim, page_size=page_size, sm_scale=sm_scale,
                   soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret)
     longest = num_tokens if max_q_len is None else min(num_tokens, max_q_len)
