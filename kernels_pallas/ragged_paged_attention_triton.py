@@ -62,6 +62,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -139,8 +140,12 @@ COMBINE_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
 # against bfloat16 (each with its best tile): 256 decodes at 1,400 tokens 264.8 / 358.8;
 # 64 at 4k 184.5 / 255.0.
 FP8_COMPUTE_DTYPE = jnp.float16
-# Probe only (scripts/probes/fp8_v): how V is read for the second matrix product.
-PROBE_V = None
+# Probe only (scripts/probes/fp8_v): how V is read for the second matrix product, and a
+# decode tile for every cache (the probe's engine runs set both from the environment).
+PROBE_V = os.environ.get("ATOM_JAX_PROBE_V") or None
+if os.environ.get("ATOM_JAX_PROBE_DECODE_TILE"):
+    DECODE_CONFIG = FP8_DECODE_CONFIG = KernelConfig(
+        *map(int, os.environ["ATOM_JAX_PROBE_DECODE_TILE"].split(",")))
 # Multiprocessor count used when the device does not report one (interpret mode on CPU).
 DEFAULT_NUM_SMS = 132
 
@@ -464,7 +469,58 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
             acc = acc * alpha[:, None] + pv
             return acc, m_new, l_i
 
-        carry = (jnp.zeros((block_m, dp), jnp.float32),
+        def step_swapped(b, carry, masked: bool):
+            # Probe: the products with the context's tokens as the matrix units' M side
+            # (acc kept transposed, [dp, block_m]); "swap_v" only for p @ V.
+            acc_t, m_i, l_i = carry
+            kpos = b * block_n + kv_cols
+            if masked:
+                kv_ok = kpos < kv_end
+                page = plgpu.load(bt_ref.at[seq, kpos // page_size], mask=kv_ok, other=0)
+            else:
+                page = bt_ref[seq, kpos // page_size]
+            slot = page * page_size + kpos % page_size
+
+            def load_rows(ref):
+                view = _row_ref(ref, slot, kv_head, dp)
+                if masked:
+                    return masked_load(view, kv_ok[:, None], block_n)
+                return view[...]
+
+            k = load_rows(k_ref).astype(q.dtype)
+            if PROBE_V == "swap":
+                s_t = lax.dot_general(k, q, (((1,), (1,)), ((), ())),
+                                      preferred_element_type=jnp.float32)  # [block_n, block_m]
+                s_t = s_t * pre
+                if masked:
+                    s_t = jnp.where(kpos[:, None] <= q_pos[None, :], s_t, -jnp.inf)
+                m_new = jnp.maximum(m_i, jnp.max(s_t, axis=0))
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+                alpha = jnp.exp2(m_i - m_use)
+                p_t = jnp.exp2(s_t - m_use[None, :])
+                l_i = l_i * alpha + jnp.sum(p_t, axis=0)
+                v = load_rows(v_ref).astype(q.dtype)
+                pv_t = lax.dot_general(v, p_t.astype(v.dtype), (((0,), (0,)), ((), ())),
+                                       preferred_element_type=jnp.float32)  # [dp, block_m]
+            else:
+                s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32) * pre
+                if masked:
+                    s = jnp.where(kpos[None, :] <= q_pos[:, None], s, -jnp.inf)
+                m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+                alpha = jnp.exp2(m_i - m_use)
+                p = jnp.exp2(s - m_use[:, None])
+                l_i = l_i * alpha + jnp.sum(p, axis=1)
+                v = load_rows(v_ref).astype(q.dtype)
+                pv_t = lax.dot_general(v, p.astype(v.dtype), (((0,), (1,)), ((), ())),
+                                       preferred_element_type=jnp.float32)  # [dp, block_m]
+            return acc_t * alpha[None, :] + pv_t, m_new, l_i
+
+        swapped = PROBE_V in ("swap", "swap_v") and decode_max_q is not None
+        if swapped:
+            step = step_swapped
+        carry = (jnp.zeros((dp, block_m) if swapped else (block_m, dp), jnp.float32),
                  jnp.full((block_m,), -jnp.inf, jnp.float32),
                  jnp.zeros((block_m,), jnp.float32))
         if sliding_window is not None:
@@ -475,6 +531,8 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
         carry = lax.fori_loop(jnp.maximum(jnp.maximum(s_lo, full_lo), full_hi), s_hi,
                               functools.partial(step, masked=True), carry)
         acc, m_i, l_i = carry
+        if swapped:
+            acc = acc.T
 
         if out_mode == "out":
             (o_ref,) = refs

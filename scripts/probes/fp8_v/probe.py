@@ -6,7 +6,10 @@ own time (profiler). Variants of how the kernel reads V for p @ V (rpa.PROBE_V):
   contract_dims  timing only: the same V tile contracted over head_dim (as K is);
   sum_v          timing only: V loaded and upcast, no matrix product;
   paged_t        V stored [pages, kv_heads, head_dim, page_size] (tokens contiguous),
-                 real math, checked against the reference on the usual layout.
+                 real math, checked against the reference on the usual layout;
+  swap           both products with the context's tokens on the matrix units' M side
+                 (s^T = K q^T, (p V)^T = V^T p^T), the accumulator kept transposed;
+  swap_v         only p @ V so.
 
   python scripts/probes/fp8_v/probe.py --out $OUT/fp8_v.json
 """
@@ -32,12 +35,12 @@ C = rpa.KernelConfig
 
 
 def variants(fp8: bool):
+    swaps = [(m, c) for m in ("swap", "swap_v")
+             for c in (None, C(16, 128, 4, 3), C(16, 64, 4, 2), C(16, 128, 4, 2),
+                       C(16, 128, 8, 2), C(16, 64, 4, 3))]
     if fp8:
-        return [(None, None), ("contract_dims", None), ("sum_v", None),
-                ("paged_t", C(16, 128, 4, 3)), ("paged_t", C(16, 128, 4, 2)),
-                ("paged_t", C(16, 64, 4, 2)), ("paged_t", C(16, 256, 4, 2)),
-                ("paged_t", C(16, 128, 8, 3)), ("paged_t", C(16, 64, 4, 3))]
-    return [(None, None), ("paged_t", None), ("paged_t", C(16, 128, 4, 3))]
+        return [(None, None), ("contract_dims", None)] + swaps
+    return [(None, None)] + swaps
 
 
 def transposed(v):
