@@ -62,7 +62,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -111,7 +110,11 @@ SPLIT_DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, num_warps=4, num_stag
 # tokens 264.8 / 298.5 / 332.9; 64 at 4k 184.5 / 272.3 / 243.4 (block_n 128 with 2 stages
 # 267.6 and 184.6; 256 with 2 stages 348.5 and 234.2). It reads 0.65-0.68 of the copy
 # bandwidth's worth of K/V: something other than memory (the upcast, or the layout change
-# before the matrix units) sets its pace.
+# before the matrix units) sets its pace. Reading V otherwise did not help (same machine,
+# 256 at 1,400 / 64 at 4k, us): V stored with its tokens contiguous 338 / 247 at best;
+# the products turned so that the context's tokens are the matrix units' M side 385 /
+# 272, only p @ V so 321 / 255. Contracting V over head_dim, as K is (wrong math, timing
+# only), took 214-218 / 180-185: V's contraction over tokens costs about 20% at 1,400.
 FP8_DECODE_CONFIG = KernelConfig(block_m=16, block_n=128, num_warps=4, num_stages=3)
 # Float32 operands (or head_dim > 128) need half the shared memory per stage.
 DECODE_CONFIG_WIDE = KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)
@@ -135,17 +138,11 @@ FUSED_COMBINE = False
 COMBINE_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
 # The dtype a float8 cache's K/V (and with them q and the softmax weights) are upcast to
 # for the matrix units, where q is 16-bit. float16: Triton converts float8 to it faster
-# than to bfloat16, and it keeps 3 more bits of mantissa; a q entry past +-65,504 would
-# overflow it (bfloat16's range is float32's). H200, decode tiles over a float8 cache, kernels' own time, us, upcast to float16
+# than to bfloat16, and it keeps 3 more bits of mantissa; q is clamped to its +-65,504
+# (bfloat16's range is float32's). H200, decode tiles over a float8 cache, kernels' own time, us, upcast to float16
 # against bfloat16 (each with its best tile): 256 decodes at 1,400 tokens 264.8 / 358.8;
 # 64 at 4k 184.5 / 255.0.
 FP8_COMPUTE_DTYPE = jnp.float16
-# Probe only (scripts/probes/fp8_v): how V is read for the second matrix product, and a
-# decode tile for every cache (the probe's engine runs set both from the environment).
-PROBE_V = os.environ.get("ATOM_JAX_PROBE_V") or None
-if os.environ.get("ATOM_JAX_PROBE_DECODE_TILE"):
-    DECODE_CONFIG = FP8_DECODE_CONFIG = KernelConfig(
-        *map(int, os.environ["ATOM_JAX_PROBE_DECODE_TILE"].split(",")))
 # Multiprocessor count used when the device does not report one (interpret mode on CPU).
 DEFAULT_NUM_SMS = 132
 
@@ -382,10 +379,10 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
         q = masked_load(_row_ref(q_ref, tok0 + row_tok, row_head, dp), row_ok[:, None],
                         block_m)
         if is_float8(k_ref.dtype) and jnp.dtype(q.dtype).itemsize == 2:
-            # Clamped first: a bf16 q entry past float16's range would become inf, and
-            # inf * 0 a NaN score.
+            # Clamped first (in float32: float16's largest value rounds up in bfloat16): a
+            # bf16 q entry past float16's range would become inf, and inf - inf a NaN.
             f16_max = float(jnp.finfo(FP8_COMPUTE_DTYPE).max)
-            q = jnp.minimum(jnp.maximum(q, -f16_max), f16_max).astype(FP8_COMPUTE_DTYPE)
+            q = jnp.clip(q.astype(jnp.float32), -f16_max, f16_max).astype(FP8_COMPUTE_DTYPE)
         if new_kv_heads is not None:
             _write_new_rows(q_ref, slot_ref, k_ref, v_ref, new_kv_heads, kv_head, tok0, ntok,
                             pos0, s_lo * block_n, s_hi * block_n, decode_max_q, dp, head_dim)
@@ -443,84 +440,13 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
             alpha = jnp.exp2(m_i - m_use)
             p = jnp.exp2(s - m_use[:, None])
             l_i = l_i * alpha + jnp.sum(p, axis=1)
-            if PROBE_V == "paged_t":  # v_ref [pages, kv_heads, dp, page_size]
-                dims = jnp.arange(dp, dtype=jnp.int32)
-                view = v_ref.at[page[None, :], kv_head, dims[:, None],
-                                (kpos % page_size)[None, :]]
-                if masked:
-                    vt = plgpu.load(view, mask=jnp.broadcast_to(kv_ok[None, :], (dp, block_n)),
-                                    other=0.0)
-                else:
-                    vt = view[...]
-                vt = vt.astype(q.dtype)
-                pv = lax.dot_general(p.astype(vt.dtype), vt, (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
-            elif PROBE_V == "contract_dims":  # timing only: wrong math, same shapes
-                v = load_rows(v_ref).astype(q.dtype)
-                pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
-            elif PROBE_V == "sum_v":  # timing only: V loaded and upcast, no matrix product
-                v = load_rows(v_ref).astype(jnp.float32)
-                pv = jnp.broadcast_to(jnp.sum(v, axis=0)[None, :], (block_m, dp)) * alpha[:, None]
-            else:
-                v = load_rows(v_ref).astype(q.dtype)  # a float8 cache is upcast, p stays 16-bit
-                pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
+            v = load_rows(v_ref).astype(q.dtype)  # a float8 cache is upcast, p stays 16-bit
+            pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
             acc = acc * alpha[:, None] + pv
             return acc, m_new, l_i
 
-        def step_swapped(b, carry, masked: bool):
-            # Probe: the products with the context's tokens as the matrix units' M side
-            # (acc kept transposed, [dp, block_m]); "swap_v" only for p @ V.
-            acc_t, m_i, l_i = carry
-            kpos = b * block_n + kv_cols
-            if masked:
-                kv_ok = kpos < kv_end
-                page = plgpu.load(bt_ref.at[seq, kpos // page_size], mask=kv_ok, other=0)
-            else:
-                page = bt_ref[seq, kpos // page_size]
-            slot = page * page_size + kpos % page_size
-
-            def load_rows(ref):
-                view = _row_ref(ref, slot, kv_head, dp)
-                if masked:
-                    return masked_load(view, kv_ok[:, None], block_n)
-                return view[...]
-
-            k = load_rows(k_ref).astype(q.dtype)
-            if PROBE_V == "swap":
-                s_t = lax.dot_general(k, q, (((1,), (1,)), ((), ())),
-                                      preferred_element_type=jnp.float32)  # [block_n, block_m]
-                s_t = s_t * pre
-                if masked:
-                    s_t = jnp.where(kpos[:, None] <= q_pos[None, :], s_t, -jnp.inf)
-                m_new = jnp.maximum(m_i, jnp.max(s_t, axis=0))
-                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-                alpha = jnp.exp2(m_i - m_use)
-                p_t = jnp.exp2(s_t - m_use[None, :])
-                l_i = l_i * alpha + jnp.sum(p_t, axis=0)
-                v = load_rows(v_ref).astype(q.dtype)
-                pv_t = lax.dot_general(v, p_t.astype(v.dtype), (((0,), (0,)), ((), ())),
-                                       preferred_element_type=jnp.float32)  # [dp, block_m]
-            else:
-                s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                                    preferred_element_type=jnp.float32) * pre
-                if masked:
-                    s = jnp.where(kpos[None, :] <= q_pos[:, None], s, -jnp.inf)
-                m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
-                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-                alpha = jnp.exp2(m_i - m_use)
-                p = jnp.exp2(s - m_use[:, None])
-                l_i = l_i * alpha + jnp.sum(p, axis=1)
-                v = load_rows(v_ref).astype(q.dtype)
-                pv_t = lax.dot_general(v, p.astype(v.dtype), (((0,), (1,)), ((), ())),
-                                       preferred_element_type=jnp.float32)  # [dp, block_m]
-            return acc_t * alpha[None, :] + pv_t, m_new, l_i
-
-        swapped = PROBE_V in ("swap", "swap_v") and decode_max_q is not None
-        if swapped:
-            step = step_swapped
-        carry = (jnp.zeros((dp, block_m) if swapped else (block_m, dp), jnp.float32),
+        carry = (jnp.zeros((block_m, dp), jnp.float32),
                  jnp.full((block_m,), -jnp.inf, jnp.float32),
                  jnp.zeros((block_m,), jnp.float32))
         if sliding_window is not None:
@@ -531,8 +457,6 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
         carry = lax.fori_loop(jnp.maximum(jnp.maximum(s_lo, full_lo), full_hi), s_hi,
                               functools.partial(step, masked=True), carry)
         acc, m_i, l_i = carry
-        if swapped:
-            acc = acc.T
 
         if out_mode == "out":
             (o_ref,) = refs
@@ -850,7 +774,7 @@ def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_st
     block_tables = block_tables.astype(jnp.int32)
     query_start_loc = query_start_loc.astype(jnp.int32)
     k_flat = k_cache.reshape(num_pages * page_size, num_kv_heads, head_dim)
-    v_flat = v_cache if PROBE_V == "paged_t" else v_cache.reshape(num_pages * page_size, num_kv_heads, head_dim)
+    v_flat = v_cache.reshape(num_pages * page_size, num_kv_heads, head_dim)
     common = dict(group=group, head_dim=head_dim, page_size=page_size, sm_scale=sm_scale,
                   soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret)
     longest = num_tokens if max_q_len is None else min(num_tokens, max_q_len)

@@ -435,6 +435,19 @@ def test_kernel_reads_a_float8_cache(case, interpret):
     run_and_check(with_fp8_cache(b), dtype, interpret=interpret, **kw)
 
 
+@pytest.mark.parametrize("interpret", MODES)
+def test_a_query_past_float16_range_over_a_float8_cache(interpret):
+    """Over a float8 cache the kernel multiplies in float16. A bf16 query entry past its
+    range (65,504) is clamped to it rather than turned into inf, whose scores (inf - inf
+    in the softmax) would make the row NaN; the largest key still wins as in the
+    reference."""
+    rng = np.random.default_rng(7)
+    b = make_batch(rng, [1, 1, 5], [40, 90, 33], num_q_heads=4, num_kv_heads=1,
+                   head_dim=64, page_size=16, dtype=jnp.bfloat16)
+    b = with_fp8_cache(dataclasses.replace(b, q=b.q.at[0, 0, 0].set(1e5)))
+    run_and_check(b, jnp.bfloat16, interpret=interpret, max_q_len=8)
+
+
 def test_a_float8_cache_stays_close_to_bf16():
     """The rounding a float8 cache adds: a few percent of the output (e4m3 keeps 3 bits of
     mantissa), nowhere near a wrong answer."""
