@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from atom_jax.block_manager import BlockManager
 from atom_jax.config import EngineConfig
 from atom_jax.loader import load_model
-from atom_jax.model_runner import DecodeKernel, ModelRunner, grows_on_demand
+from atom_jax.model_runner import (DecodeKernel, ModelRunner, grows_on_demand,
+                                   kv_cache_bytes_per_layer)
 from atom_jax.output_processor import SequenceOutput
 from atom_jax.outputs import CompletionOutput, RequestOutput, StepDelta
 from atom_jax.sampling_params import SamplingParams
@@ -197,8 +198,8 @@ class EngineCore:
 
     def _blocks_for_memory(self, on_gpu: bool) -> int:
         mc = self.model_config
-        bytes_per_block = (2 * mc.num_layers * self.config.block_size * mc.num_kv_heads
-                           * mc.head_dim * jnp.dtype(self.kv_cache_dtype).itemsize)
+        bytes_per_block = mc.num_layers * kv_cache_bytes_per_layer(
+            (1, self.config.block_size, mc.num_kv_heads, mc.head_dim), self.kv_cache_dtype)
         if self.config.kv_cache_memory_gb is not None:
             budget = self.config.kv_cache_memory_gb * 2**30
         elif on_gpu:

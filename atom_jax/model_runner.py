@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from atom_jax.exported import exported_jit
 from atom_jax.sampler import SAMPLING_MODES, sample, sampling_mode
 from atom_jax.scheduler import ScheduledBatch
+from kernels_pallas.ragged_paged_attention import ScaledCache, is_float8
 
 _BANNED_SLOTS = 16  # per-row token ids masked while a request is below min_tokens
 # Multi-step decode is kept (when chosen automatically) if queueing a step takes the host
@@ -41,17 +42,34 @@ def grows_on_demand(stats: dict) -> bool:
 
 def allocate_kv_cache(num_layers: int, shape: tuple, dtype, stacked: bool = False):
     """Zeroed (K, V) arrays of every layer: a list of pairs, or with stacked one (K, V) pair
-    over all layers, [num_layers, *shape] (the decode kernel's cache). An allocator growing
+    over all layers, [num_layers, *shape] (the decode kernel's cache). A float8 cache is a
+    pair of ScaledCaches (float8 rows and a scale per token and KV head). An allocator growing
     on demand would take a region per array, each rounded up to a power of two, and run out
     with the leftovers unusable; so there the whole cache is first taken as one array and
     given back, and its arrays then come from that one free block."""
     if grows_on_demand(jax.devices()[0].memory_stats() or {}):
-        whole = jnp.zeros((2 * num_layers, *shape), dtype)
+        whole = jnp.zeros(num_layers * kv_cache_bytes_per_layer(shape, dtype), jnp.uint8)
         whole.block_until_ready()
         whole.delete()
     if stacked:
         return tuple(jnp.zeros((num_layers, *shape), dtype) for _ in range(2))
+    if is_float8(dtype):
+        return [tuple(_scaled_cache(shape, dtype) for _ in range(2)) for _ in range(num_layers)]
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)]
+
+
+def kv_cache_bytes_per_layer(shape: tuple, dtype) -> int:
+    """Bytes of one layer's K and V caches of `shape`, a float8 cache's scales included
+    (one float32 per token and KV head, `ScaledCache`)."""
+    num_pages, page_size, num_kv_heads, head_dim = shape
+    row = head_dim * jnp.dtype(dtype).itemsize + (4 if is_float8(dtype) else 0)
+    return 2 * num_pages * page_size * num_kv_heads * row
+
+
+def _scaled_cache(shape, dtype) -> ScaledCache:
+    num_pages, page_size, num_kv_heads, _ = shape
+    return ScaledCache(jnp.zeros(shape, dtype),
+                       jnp.zeros((num_pages, num_kv_heads, page_size), jnp.float32))
 
 
 class CompileWhileServingError(RuntimeError):

@@ -8,9 +8,12 @@ Layout (shared by the reference and the kernel):
   query_start_loc [S+1] int32  sequence s owns q[query_start_loc[s]:query_start_loc[s+1]]
 Padded sequences have q_len 0 (and kv_len 0); padded tokens past query_start_loc[S] get
 unspecified output. The new tokens of a sequence are the last q_len positions of its
-context, so attention is causal over them.
+context, so attention is causal over them. A float8 cache is either a plain
+float8_e4m3fn array (a scale of 1) or a `ScaledCache` (a scale per token and KV head).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,17 +40,74 @@ def to_cache_dtype(x, dtype):
     return x.astype(dtype)
 
 
+class ScaledCache(NamedTuple):
+    """A float8 K or V cache that keeps one float32 scale per (token, KV head).
+
+    A row x [D] is stored as x / scale with scale = max|x| / FP8_MAX, so its largest entry
+    lands on float8's largest value and small rows keep their 3 bits of mantissa instead of
+    becoming subnormals. Read back as data * scale.
+
+    data  [num_pages, page_size, Hkv, D] float8_e4m3fn
+    scale [num_pages, Hkv, page_size] float32 (a KV head's scales of one page side by side,
+          so a kernel reads them in runs rather than one 4-byte word per 32-byte sector)
+    """
+    data: jax.Array
+    scale: jax.Array
+
+
+def split_cache(cache):
+    """(data, scale) of a ScaledCache; (cache, None) of a plain array."""
+    if isinstance(cache, ScaledCache):
+        return cache.data, cache.scale
+    return cache, None
+
+
+def row_scales(x):
+    """x [..., D]: each row's scale (float32 [...]) for a ScaledCache; a zero row gets the
+    smallest normal float32 rather than 0, so dividing by it stays finite."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1)
+    return jnp.maximum(amax / FP8_MAX, jnp.finfo(jnp.float32).tiny)
+
+
+def quantize_rows(x, dtype=jnp.float8_e4m3fn):
+    """x [..., D] as a ScaledCache stores it: (rows in float8, scales float32 [...])."""
+    scale = row_scales(x)
+    return to_cache_dtype(x.astype(jnp.float32) / scale[..., None], dtype), scale
+
+
+def _write_rows(cache, x, slot_mapping):
+    data, scale = split_cache(cache)
+    num_pages, page_size, hkv, d = data.shape
+    if scale is not None:
+        x, s = quantize_rows(x, data.dtype)
+        page, off = slot_mapping // page_size, slot_mapping % page_size
+        heads = jnp.arange(hkv, dtype=slot_mapping.dtype)
+        scale = scale.at[page[:, None], heads[None, :], off[:, None]].set(s, mode="drop")
+    flat = data.reshape(num_pages * page_size, hkv, d)
+    data = flat.at[slot_mapping].set(to_cache_dtype(x, data.dtype), mode="drop").reshape(data.shape)
+    return data if scale is None else ScaledCache(data, scale)
+
+
 def write_kv_to_pages(k_cache, v_cache, k, v, slot_mapping):
     """Scatter the new tokens' K/V [T, Hkv, D] into their slots (page * page_size + offset).
 
     Slots outside the cache (padding tokens use num_pages * page_size) are dropped. Under a
     jit that donates the cache this is an in-place update of T rows, never a cache copy.
+    A ScaledCache stores each row quantized with its scale (`quantize_rows`).
     """
-    num_pages, page_size, hkv, d = k_cache.shape
-    flat = (num_pages * page_size, hkv, d)
-    k_cache = k_cache.reshape(flat).at[slot_mapping].set(to_cache_dtype(k, k_cache.dtype), mode="drop")
-    v_cache = v_cache.reshape(flat).at[slot_mapping].set(to_cache_dtype(v, v_cache.dtype), mode="drop")
-    return k_cache.reshape(num_pages, page_size, hkv, d), v_cache.reshape(num_pages, page_size, hkv, d)
+    return _write_rows(k_cache, k, slot_mapping), _write_rows(v_cache, v, slot_mapping)
+
+
+def _read_pages(cache, pages, dtype):
+    """The rows of `pages` [N, P] as [N, P * page_size, Hkv, D] in `dtype` (dequantized)."""
+    data, scale = split_cache(cache)
+    n, p = pages.shape
+    _, page_size, hkv, d = data.shape
+    rows = data[pages]
+    if scale is not None:
+        s = scale[pages].transpose(0, 1, 3, 2)  # [N, P, page_size, Hkv]
+        rows = rows.astype(jnp.float32) * s[..., None]
+    return rows.reshape(n, p * page_size, hkv, d).astype(dtype)
 
 
 def _query_tiles(query_start_loc, num_tokens, q_tile):
@@ -71,14 +131,15 @@ def ragged_paged_attention_reference(
 ):
     """Plain XLA ragged paged attention; the correctness reference for the kernels.
 
-    A cache in another dtype than q (float8) is read and upcast to q's dtype.
+    A cache in another dtype than q (float8) is read and upcast to q's dtype (a
+    ScaledCache times its scales).
 
     Query tiles of one sequence walk its pages a chunk at a time with an online softmax, for
     only as many chunks as the longest context in the batch needs (a dynamic loop bound), so
     short contexts stay cheap whatever the block table's width.
     """
     num_tokens, num_q_heads, head_dim = q.shape
-    _, page_size, num_kv_heads, _ = k_cache.shape
+    _, page_size, num_kv_heads, _ = split_cache(k_cache)[0].shape
     group = num_q_heads // num_kv_heads
     # Tiles as tall as the average query length allows: 1 for decode batches, where taller
     # tiles would be mostly padding, up to _REFERENCE_Q_TILE for prefill chunks.
@@ -107,8 +168,8 @@ def ragged_paged_attention_reference(
     def body(j, carry):
         m, l, acc = carry
         pages = jax.lax.dynamic_slice_in_dim(tables, j * pages_per_chunk, pages_per_chunk, axis=1)
-        kt = k_cache[pages].reshape(n, chunk, num_kv_heads, head_dim).astype(q.dtype)
-        vt = v_cache[pages].reshape(n, chunk, num_kv_heads, head_dim).astype(q.dtype)
+        kt = _read_pages(k_cache, pages, q.dtype)
+        vt = _read_pages(v_cache, pages, q.dtype)
         k_pos = j * chunk + jnp.arange(chunk, dtype=jnp.int32)
         mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < kv_len[:, None, None])
         if sliding_window is not None:
@@ -174,7 +235,7 @@ def write_kv_and_attend(
     """
     impl = _resolve_impl(impl)
     if impl == "xla":
-        hkv = k_cache.shape[2]
+        hkv = split_cache(k_cache)[0].shape[2]
         hq = qkv.shape[1] - 2 * hkv
         q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
         k_cache, v_cache = write_kv_to_pages(k_cache, v_cache, k, v, slot_mapping)

@@ -69,7 +69,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels_pallas.ragged_paged_attention import is_float8, to_cache_dtype
+from kernels_pallas.ragged_paged_attention import (ScaledCache, is_float8, row_scales,
+                                                   split_cache, to_cache_dtype)
 
 # --------------------------------------------------------------------------------------
 # Triton parameters: the only place where block sizes, warps and stages are chosen.
@@ -295,11 +296,13 @@ def _merge_splits(o_part_ref, lse_ref, tile, kv_head, num_splits: int, rows, row
 
 
 def _write_new_rows(q_ref, slot_ref, k_ref, v_ref, new_kv_heads, kv_head, tok0, ntok,
-                    pos0, lo, hi, max_q: int, dp: int, head_dim: int):
+                    pos0, lo, hi, max_q: int, dp: int, head_dim: int, ks_ref=None,
+                    vs_ref=None, page_size: int = 1):
     """Copy the tile's new K/V rows whose positions lie in [lo, hi) into their cache slots.
 
     The new rows are heads new_kv_heads[0] + kv_head (K) and new_kv_heads[1] + kv_head (V)
-    of q_ref; a slot outside the cache (padding) is skipped.
+    of q_ref; a slot outside the cache (padding) is skipped. With scale refs (a
+    ScaledCache) each row is stored divided by its scale, and the scale beside it.
     """
     w = jnp.arange(_pow2(max_q), dtype=jnp.int32)
     num_slots = k_ref.shape[0]
@@ -310,8 +313,13 @@ def _write_new_rows(q_ref, slot_ref, k_ref, v_ref, new_kv_heads, kv_head, tok0, 
     if dp != head_dim:
         mask = mask & (jnp.arange(dp, dtype=jnp.int32) < head_dim)[None, :]
     mask = jnp.broadcast_to(mask, (w.shape[0], dp))
-    for head0, ref in zip(new_kv_heads, (k_ref, v_ref)):
+    for head0, ref, scale_ref in zip(new_kv_heads, (k_ref, v_ref), (ks_ref, vs_ref)):
         rows = plgpu.load(_row_ref(q_ref, tok0 + w, head0 + kv_head, dp), mask=mask, other=0.0)
+        if scale_ref is not None:
+            scale = row_scales(rows)
+            rows = rows.astype(jnp.float32) / scale[:, None]
+            plgpu.store(scale_ref.at[slot // page_size, kv_head, slot % page_size], scale,
+                        mask=ok)
         plgpu.store(_row_ref(ref, slot, kv_head, dp), to_cache_dtype(rows, ref.dtype), mask=mask)
 
 
@@ -319,7 +327,7 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
                       sm_scale: float, soft_cap: float | None, sliding_window: int | None,
                       num_splits: int, out_mode: str, num_aliased: int,
                       decode_max_q: int | None, new_kv_heads: tuple[int, int] | None,
-                      interpret: bool):
+                      scaled: bool, interpret: bool):
     """One (query tile, KV head, context split) program.
 
     Decode launches (decode_max_q set) take (query_start_loc, kv_lens) and map program i to
@@ -333,27 +341,37 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
     out_mode "out": write the output rows; "split": write this split's partial output and
     log-sum-exp; "fused": as "split", then the last split program of the (tile, KV head)
     to arrive (atomic counter) merges all partials into the output rows.
+
+    scaled: the cache is a ScaledCache; its scale arrays ([num_pages, Hkv, page_size])
+    follow the K and V refs (and, where the launch writes, the K and V outputs).
     """
     block_m, block_n = cfg.block_m, cfg.block_n
     dp = _pow2(head_dim)
     tile, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     if decode_max_q is not None:
-        qsl_ref, kvl_ref, q_ref, k_ref, v_ref, bt_ref, *refs = refs
+        qsl_ref, kvl_ref, q_ref, k_ref, v_ref, *refs = refs
         seq = tile
         tok0, ntok, pos0 = _decode_tile(qsl_ref, kvl_ref, seq, decode_max_q)
     else:
-        meta_ref, q_ref, k_ref, v_ref, bt_ref, *refs = refs
+        meta_ref, q_ref, k_ref, v_ref, *refs = refs
         seq = meta_ref[tile, 0]
         tok0 = meta_ref[tile, 1]
         ntok = meta_ref[tile, 2]
         pos0 = meta_ref[tile, 3]
+    ks_ref = vs_ref = None
+    if scaled:
+        ks_ref, vs_ref, *refs = refs
+    bt_ref, *refs = refs
     if new_kv_heads is not None:
         slot_ref, *refs = refs
     refs = refs[num_aliased:]  # aliased inputs: the kernel writes through the output refs
     if new_kv_heads is not None:
         # Read the cache through the outputs too, so this program sees its own writes
         # (interpret mode keeps aliased inputs and outputs apart).
-        *refs, k_ref, v_ref = refs
+        if scaled:
+            *refs, k_ref, v_ref, ks_ref, vs_ref = refs
+        else:
+            *refs, k_ref, v_ref = refs
 
     rows = jnp.arange(block_m, dtype=jnp.int32)
     row_tok = rows // group
@@ -385,7 +403,8 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
             q = jnp.clip(q.astype(jnp.float32), -f16_max, f16_max).astype(FP8_COMPUTE_DTYPE)
         if new_kv_heads is not None:
             _write_new_rows(q_ref, slot_ref, k_ref, v_ref, new_kv_heads, kv_head, tok0, ntok,
-                            pos0, s_lo * block_n, s_hi * block_n, decode_max_q, dp, head_dim)
+                            pos0, s_lo * block_n, s_hi * block_n, decode_max_q, dp, head_dim,
+                            ks_ref, vs_ref, page_size)
             if not interpret:  # every thread's stores land before any thread reads them
                 plgpu.debug_barrier()
         # Steps [full_lo, full_hi) are visible to every row of the tile: no masking.
@@ -420,9 +439,15 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
                     return masked_load(view, jnp.ones((block_n, 1), jnp.bool_), block_n)
                 return view[...]
 
+            def load_scales(ref):  # this step's block_n scales of the KV head (ScaledCache)
+                view = ref.at[page, kv_head, kpos % page_size]
+                return plgpu.load(view, mask=kv_ok, other=0.0) if masked else view[...]
+
             k = load_rows(k_ref)
             s = lax.dot_general(q, k.astype(q.dtype), (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
+            if ks_ref is not None:
+                s = s * load_scales(ks_ref)[None, :]
             if post is None:
                 s = s * pre
             else:
@@ -441,8 +466,17 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
             p = jnp.exp2(s - m_use[:, None])
             l_i = l_i * alpha + jnp.sum(p, axis=1)
             v = load_rows(v_ref).astype(q.dtype)  # a float8 cache is upcast, p stays 16-bit
-            pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
+            if vs_ref is None:
+                pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+            else:
+                # V's scales go onto p, relative to the step's largest so that p stays in
+                # [0, 1] (absolute scales would push 16-bit weights into subnormals).
+                vs = load_scales(vs_ref)
+                v_max = jnp.maximum(jnp.max(vs), jnp.finfo(jnp.float32).tiny)
+                pv = lax.dot_general((p * (vs / v_max)[None, :]).astype(v.dtype), v,
+                                     (((1,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32) * v_max
             acc = acc * alpha[:, None] + pv
             return acc, m_new, l_i
 
@@ -491,7 +525,7 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
 
 def _launch(tile_args, q, k_flat, v_flat, block_tables, out, *, group, head_dim,
             page_size, cfg, sm_scale, soft_cap, sliding_window, num_splits, out_mode,
-            interpret, name, decode_max_q=None, slot_mapping=None):
+            interpret, name, decode_max_q=None, slot_mapping=None, scales=None):
     """One pallas_call over grid (tiles, kv_heads, splits); returns its outputs, a tuple.
 
     tile_args: (query_start_loc, kv_lens) for a decode launch (one tile per sequence), or
@@ -500,6 +534,8 @@ def _launch(tile_args, q, k_flat, v_flat, block_tables, out, *, group, head_dim,
     are written into. q holds the query heads first ([T, Hq, D]); with slot_mapping (decode
     launches) it is [T, Hq + 2 Hkv, D] with the new K and V heads after them, the launch
     writes those into the cache, and (k_flat, v_flat) are appended to its outputs.
+    scales: (k_scale, v_scale) of a ScaledCache, or None; where the launch writes they are
+    appended to its outputs after the caches.
     """
     num_tokens = q.shape[0]
     num_kv_heads = k_flat.shape[1]
@@ -515,7 +551,8 @@ def _launch(tile_args, q, k_flat, v_flat, block_tables, out, *, group, head_dim,
                              jnp.float32),
         jax.ShapeDtypeStruct((num_tiles, num_kv_heads, num_splits, cfg.block_m), jnp.float32),
     )
-    args = [*tile_args, q, k_flat, v_flat, block_tables]
+    cache = [k_flat, v_flat, *(scales or ())]
+    args = [*tile_args, q, *cache, block_tables]
     if slot_mapping is not None:
         args.append(slot_mapping)
     aliases = {}
@@ -534,16 +571,16 @@ def _launch(tile_args, q, k_flat, v_flat, block_tables, out, *, group, head_dim,
     num_aliased = len(aliases)
     if slot_mapping is not None:
         first_cache_arg = len(tile_args) + 1
-        aliases[first_cache_arg] = len(out_shape)
-        aliases[first_cache_arg + 1] = len(out_shape) + 1
-        out_shape = (*out_shape, jax.ShapeDtypeStruct(k_flat.shape, k_flat.dtype),
-                     jax.ShapeDtypeStruct(v_flat.shape, v_flat.dtype))
+        for i, a in enumerate(cache):
+            aliases[first_cache_arg + i] = len(out_shape) + i
+        out_shape = (*out_shape, *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in cache))
     kernel = functools.partial(
         _attention_kernel, group=group, head_dim=head_dim, page_size=page_size, cfg=cfg,
         sm_scale=float(sm_scale), soft_cap=None if soft_cap is None else float(soft_cap),
         sliding_window=None if sliding_window is None else int(sliding_window),
         num_splits=num_splits, out_mode=out_mode, num_aliased=num_aliased,
-        decode_max_q=decode_max_q, new_kv_heads=new_kv_heads, interpret=interpret)
+        decode_max_q=decode_max_q, new_kv_heads=new_kv_heads, scaled=scales is not None,
+        interpret=interpret)
     return pl.pallas_call(
         kernel,
         grid=(num_tiles, num_kv_heads, num_splits),
@@ -608,36 +645,41 @@ def _combine(query_start_loc, kv_lens, o_part, lse, q, out, *, group, head_dim, 
     )(*args)
 
 
-def _write_kv_kernel(slot_ref, qkv_ref, k_in_ref, v_in_ref, k_ref, v_ref, *, rows: int,
-                     new_kv_heads: tuple[int, int], head_dim: int):
-    """Rows [i * rows, (i + 1) * rows) of KV head j: the new K/V rows into their slots."""
-    del k_in_ref, v_in_ref  # aliased to k_ref / v_ref
+def _write_kv_kernel(slot_ref, qkv_ref, *refs, rows: int, new_kv_heads: tuple[int, int],
+                     head_dim: int, page_size: int):
+    """Rows [i * rows, (i + 1) * rows) of KV head j: the new K/V rows into their slots.
+
+    refs: the cache inputs (K, V, and a ScaledCache's scales), then the outputs they are
+    aliased to, in the same order."""
+    outs = refs[len(refs) // 2:]  # the inputs are aliased to these
+    k_ref, v_ref, *scale_refs = outs
     block, kv_head = pl.program_id(0), pl.program_id(1)
     num_tokens = qkv_ref.shape[0]
     first = block * rows
     _write_new_rows(qkv_ref, slot_ref, k_ref, v_ref, new_kv_heads, kv_head, first,
                     jnp.minimum(num_tokens - first, rows), jnp.int32(0), 0, rows, rows,
-                    _pow2(head_dim), head_dim)
+                    _pow2(head_dim), head_dim, *scale_refs, page_size=page_size)
 
 
-def _write_kv(qkv, k_flat, v_flat, slot_mapping, *, num_q_heads, head_dim, interpret):
+def _write_kv(qkv, cache, slot_mapping, *, num_q_heads, head_dim, page_size, interpret):
     """One launch that writes the new tokens' K/V (heads after the queries in qkv) into the
-    flat caches, in place; the caches are returned."""
+    flat caches, in place. cache: (k_flat, v_flat) or (k_flat, v_flat, k_scale, v_scale);
+    returned updated, as a tuple of the same arrays."""
     num_tokens = qkv.shape[0]
-    num_kv_heads = k_flat.shape[1]
+    num_kv_heads = cache[0].shape[1]
     rows = 16
     kernel = functools.partial(_write_kv_kernel, rows=rows, head_dim=head_dim,
-                               new_kv_heads=(num_q_heads, num_q_heads + num_kv_heads))
+                               new_kv_heads=(num_q_heads, num_q_heads + num_kv_heads),
+                               page_size=page_size)
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(num_tokens, rows), num_kv_heads),
-        out_shape=(jax.ShapeDtypeStruct(k_flat.shape, k_flat.dtype),
-                   jax.ShapeDtypeStruct(v_flat.shape, v_flat.dtype)),
-        input_output_aliases={2: 0, 3: 1},
+        out_shape=tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in cache),
+        input_output_aliases={2 + i: i for i in range(len(cache))},
         compiler_params=_compiler_params(COMBINE_CONFIG),
         interpret=interpret,
         name="ragged_paged_attention_write_kv",
-    )(slot_mapping, qkv, k_flat, v_flat)
+    )(slot_mapping, qkv, *cache)
 
 
 # --------------------------------------------------------------------------------------
@@ -741,6 +783,8 @@ def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_st
                             max_q_len, fused_combine):
     """Attention, or with slot_mapping the K/V write then attention (q is then qkv)."""
     num_tokens, num_heads, head_dim = q.shape
+    (k_cache, k_scale), (v_cache, v_scale) = split_cache(k_cache), split_cache(v_cache)
+    scales = None if k_scale is None else (k_scale, v_scale)
     num_pages, page_size, num_kv_heads, _ = k_cache.shape
     write = slot_mapping is not None
     num_q_heads = num_heads - 2 * num_kv_heads if write else num_heads
@@ -776,7 +820,8 @@ def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_st
     k_flat = k_cache.reshape(num_pages * page_size, num_kv_heads, head_dim)
     v_flat = v_cache.reshape(num_pages * page_size, num_kv_heads, head_dim)
     common = dict(group=group, head_dim=head_dim, page_size=page_size, sm_scale=sm_scale,
-                  soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret)
+                  soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret,
+                  scales=scales)
     longest = num_tokens if max_q_len is None else min(num_tokens, max_q_len)
     has_prefill = longest > max_q_decode
 
@@ -784,9 +829,12 @@ def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_st
     # one small launch before any attention reads them.
     fused_write = None
     if write and has_prefill:
-        k_flat, v_flat = _write_kv(q, k_flat, v_flat, slot_mapping.astype(jnp.int32),
-                                   num_q_heads=num_q_heads, head_dim=head_dim,
-                                   interpret=interpret)
+        k_flat, v_flat, *new_scales = _write_kv(
+            q, (k_flat, v_flat, *(scales or ())), slot_mapping.astype(jnp.int32),
+            num_q_heads=num_q_heads, head_dim=head_dim, page_size=page_size,
+            interpret=interpret)
+        scales = tuple(new_scales) or None
+        common["scales"] = scales
     elif write:
         fused_write = slot_mapping.astype(jnp.int32)
 
@@ -808,8 +856,10 @@ def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_st
         out, *cache = _launch(seq_args, q, k_flat, v_flat, block_tables, out_init,
                               num_splits=1, out_mode="out",
                               name="ragged_paged_attention_decode", **decode)
-    if fused_write is not None:
-        k_flat, v_flat = cache[-2:]
+    if fused_write is not None:  # the launch's last outputs: the caches it wrote
+        k_flat, v_flat, *new_scales = cache[-(2 + len(scales or ())):]
+        scales = tuple(new_scales) or None
+        common["scales"] = scales
 
     # Prefill tiles: only if some sequence can have more new tokens than a decode tile.
     if has_prefill:
@@ -821,5 +871,8 @@ def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_st
                       **common)[0]
     if write:
         shape = (num_pages, page_size, num_kv_heads, head_dim)
-        return out, k_flat.reshape(shape), v_flat.reshape(shape)
+        k_cache, v_cache = k_flat.reshape(shape), v_flat.reshape(shape)
+        if scales is not None:
+            k_cache, v_cache = ScaledCache(k_cache, scales[0]), ScaledCache(v_cache, scales[1])
+        return out, k_cache, v_cache
     return out

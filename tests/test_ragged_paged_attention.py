@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 from kernels_pallas.ragged_paged_attention import (
+    ScaledCache,
+    quantize_rows,
     ragged_paged_attention,
     ragged_paged_attention_reference,
     write_kv_and_attend,
@@ -516,3 +518,125 @@ def test_write_kv_and_attend_into_a_float8_cache(case, interpret):
     # Column 0 mixes values of +-448 with ones near 1: the 16-bit softmax weights' rounding
     # is absolute there (448 x 2^-9 per weight).
     np.testing.assert_allclose(out[..., 0], want[..., 0], rtol=2e-2, atol=0.5)
+
+
+# --------------------------------------------------------------------------------------
+# A float8 cache with a scale per token and KV head (ScaledCache, the engine's fp8 cache).
+# --------------------------------------------------------------------------------------
+
+
+def scaled(cache) -> ScaledCache:
+    """A [pages, page_size, Hkv, D] cache quantized row by row (NaN rows stay NaN)."""
+    data, scale = quantize_rows(cache)
+    return ScaledCache(data, scale.transpose(0, 2, 1))
+
+
+def dequantized(cache: ScaledCache) -> np.ndarray:
+    return (np.asarray(cache.data, np.float32)
+            * np.asarray(cache.scale).transpose(0, 2, 1)[..., None])
+
+
+def with_scaled_cache(b: Batch) -> Batch:
+    return dataclasses.replace(b, **{name: scaled(getattr(b, name)) for name in
+                                     ("k_clean", "v_clean", "k_poison", "v_poison")})
+
+
+def test_write_kv_to_a_scaled_cache_keeps_every_magnitude():
+    """Each row is stored as x / scale with its largest entry on float8's 448: rows of
+    1e-4 and of 1e4 both come back within float8's rounding (2^-4 relative), where a
+    scale of 1 would flush the first to zero and saturate the second; a zero row stays
+    zero."""
+    cache = ScaledCache(jnp.zeros((2, 4, 2, 8), FP8), jnp.zeros((2, 2, 4), jnp.float32))
+    rng = np.random.default_rng(5)
+    k = rng.uniform(0.5, 1.0, (3, 2, 8)) * rng.choice([-1, 1], (3, 2, 8))
+    k = k * np.asarray([1e-4, 1.0, 1e4])[:, None, None]
+    k[2, 1] = 0.0
+    slots = jnp.asarray([1, 6, 7], jnp.int32)  # page 0 offset 1, page 1 offsets 2 and 3
+    k_out, _ = write_kv_to_pages(cache, cache, jnp.asarray(k, jnp.float32),
+                                 jnp.asarray(k, jnp.float32), slots)
+    back = dequantized(k_out).reshape(8, 2, 8)[np.asarray(slots)]
+    np.testing.assert_allclose(back, k, rtol=2 ** -4, atol=0)
+    assert (back[2, 1] == 0).all()
+    assert np.asarray(k_out.data, np.float32).reshape(8, 2, 8)[np.asarray(slots)][:2].max() == 448
+
+
+def test_a_scaled_cache_keeps_small_values_that_a_scale_of_one_rounds_away():
+    """K/V of magnitude 0.005 (SmolLM2-135M's layer-0 V values have a median of 0.02):
+    with a scale of 1 they are float8 subnormals and the output is off by far more than
+    with a scale per row, which stays at float8's usual few percent."""
+    rng = np.random.default_rng(2)
+    q_lens, kv_lens = ragged_lengths(rng, 12, max_ctx=2048, max_q=300, decode_frac=0.4)
+    b = make_batch(rng, q_lens, kv_lens, num_q_heads=16, num_kv_heads=2, head_dim=128,
+                   page_size=16, dtype=jnp.float32)
+    b = dataclasses.replace(b, k_clean=b.k_clean * 0.005, v_clean=b.v_clean * 0.005,
+                            q=b.q * 200)
+    meta = (b.kv_lens, b.block_tables, b.query_start_loc)
+
+    def out(k, v):
+        return np.asarray(ragged_paged_attention_reference(
+            b.q, k, v, *meta, sm_scale=128 ** -0.5)[:b.num_tokens], np.float32)
+
+    full = out(b.k_clean, b.v_clean)
+    rel = lambda x: np.linalg.norm(x - full) / np.linalg.norm(full)
+    per_row = rel(out(scaled(b.k_clean), scaled(b.v_clean)))
+    scale_one = rel(out(b.k_clean.astype(FP8), b.v_clean.astype(FP8)))
+    assert per_row < 0.05 and scale_one > 2 * per_row, (per_row, scale_one)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case", [RAGGED_CASES[1], RAGGED_CASES[3]],
+                         ids=[RAGGED_CASES[1][0], RAGGED_CASES[3][0]])
+def test_kernel_reads_a_scaled_float8_cache(case, interpret):
+    """The kernel applies the scales (K's to the scores, V's to the softmax weights) as
+    the reference does to the rows; bf16 and float32 queries, context splits forced."""
+    _, seed, num_seqs, max_ctx, max_q, decode_frac, hq, hkv, d, ps, dtype, kw = case
+    rng = np.random.default_rng(seed)
+    q_lens, kv_lens = ragged_lengths(rng, num_seqs, max_ctx=max_ctx, max_q=max_q,
+                                     decode_frac=decode_frac)
+    b = make_batch(rng, q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                   page_size=ps, dtype=dtype)
+    run_and_check(with_scaled_cache(b), dtype, interpret=interpret, **kw)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case", [WRITE_CASES[1], WRITE_CASES[5]],
+                         ids=[WRITE_CASES[1][0], WRITE_CASES[5][0]])
+def test_write_kv_and_attend_into_a_scaled_float8_cache(case, interpret):
+    """The kernel's own writes into a ScaledCache (inside the decode launch, and in the
+    separate write launch) store the reference's rows and scales; values of 1,000 are kept
+    (not saturated at 448), and attention over them matches."""
+    _, q_lens, ctx_lens, kw = case
+    rng = np.random.default_rng(114)
+    hq, hkv, d, ps, dtype = 8, 2, 128, 16, jnp.bfloat16
+    b = make_batch(rng, q_lens, ctx_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                   page_size=ps, dtype=dtype, pad_seqs=1, pad_tokens=1)
+    slots = jnp.asarray(new_token_slots(b, ps))
+    b = with_scaled_cache(b)
+    t = b.q.shape[0]
+    kv_new = rng.standard_normal((t, 2 * hkv, d))
+    kv_new[:, :, 0] *= 1000.0
+    b = dataclasses.replace(b, q=b.q.at[:, :, 0].set(0))  # as in the float8 test above
+    qkv = jnp.concatenate([b.q, jnp.asarray(kv_new, dtype)], axis=1)
+    meta = (b.kv_lens, b.block_tables, b.query_start_loc)
+    want, want_k, want_v = write_kv_and_attend(qkv, b.k_clean, b.v_clean, slots, *meta,
+                                               sm_scale=d ** -0.5, impl="xla")
+    out, k_cache, v_cache = write_kv_and_attend_pallas(
+        qkv, b.k_poison, b.v_poison, slots, *meta, sm_scale=d ** -0.5, interpret=interpret,
+        out_init=jnp.full_like(b.q, jnp.nan), **kw)
+    assert isinstance(k_cache, ScaledCache) and k_cache.data.dtype == FP8
+    for got, ref in ((k_cache, want_k), (v_cache, want_v)):
+        used = np.isfinite(np.asarray(ref.data, np.float32)) & np.isfinite(
+            np.asarray(got.data, np.float32))
+        np.testing.assert_array_equal(np.asarray(got.data, np.float32)[used],
+                                      np.asarray(ref.data, np.float32)[used])
+        used_scale = np.isfinite(np.asarray(ref.scale)) & np.isfinite(np.asarray(got.scale))
+        np.testing.assert_allclose(np.asarray(got.scale)[used_scale],
+                                   np.asarray(ref.scale)[used_scale], rtol=1e-6)
+    written = dequantized(k_cache).reshape(-1, hkv, d)[np.asarray(slots)[:b.num_tokens]]
+    np.testing.assert_allclose(written, kv_new[:b.num_tokens, :hkv], rtol=2 ** -4, atol=0.05)
+    n = b.num_tokens
+    out, want = np.asarray(out[:n], np.float32), np.asarray(want[:n], np.float32)
+    np.testing.assert_allclose(out[..., 1:], want[..., 1:], **TOL[dtype])
+    # Column 0 mixes V values in the thousands: the reference's bf16 softmax weights round
+    # by 2^-9 of each (about 6 for a value of 3,000), the kernel's float16 ones by 2^-11.
+    np.testing.assert_allclose(out[..., 0], want[..., 0], rtol=2e-2, atol=4.0)
