@@ -144,6 +144,8 @@ COMBINE_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
 # against bfloat16 (each with its best tile): 256 decodes at 1,400 tokens 264.8 / 358.8;
 # 64 at 4k 184.5 / 255.0.
 FP8_COMPUTE_DTYPE = jnp.float16
+# Probe only (scripts/probes/fp8_scaled): how V's scales are applied.
+PROBE_VS = None
 # Multiprocessor count used when the device does not report one (interpret mode on CPU).
 DEFAULT_NUM_SMS = 132
 
@@ -473,10 +475,19 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
                 # V's scales go onto p, relative to the step's largest so that p stays in
                 # [0, 1] (absolute scales would push 16-bit weights into subnormals).
                 vs = load_scales(vs_ref)
-                v_max = jnp.maximum(jnp.max(vs), jnp.finfo(jnp.float32).tiny)
-                pv = lax.dot_general((p * (vs / v_max)[None, :]).astype(v.dtype), v,
-                                     (((1,), (0,)), ((), ())),
-                                     preferred_element_type=jnp.float32) * v_max
+                if PROBE_VS == "const":  # timing only: no max (not safe for large scales)
+                    pv = lax.dot_general((p * (vs * 4096.0)[None, :]).astype(v.dtype), v,
+                                         (((1,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32) * (1 / 4096.0)
+                elif PROBE_VS == "v_rows":
+                    vr = (v.astype(jnp.float32) * vs[:, None]).astype(v.dtype)
+                    pv = lax.dot_general(p.astype(v.dtype), vr, (((1,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+                else:
+                    v_max = jnp.maximum(jnp.max(vs), jnp.finfo(jnp.float32).tiny)
+                    pv = lax.dot_general((p * (vs / v_max)[None, :]).astype(v.dtype), v,
+                                         (((1,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32) * v_max
             acc = acc * alpha[:, None] + pv
             return acc, m_new, l_i
 

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirna
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from kernels_pallas import ragged_paged_attention_triton as rpa  # noqa: E402
 from kernels_pallas.ragged_paged_attention import ScaledCache, quantize_rows  # noqa: E402
 from scripts import bench_kernels as bk  # noqa: E402
 
@@ -28,6 +29,12 @@ def scaled(c):
     return ScaledCache(data, jnp.asarray(scale.transpose(0, 2, 1)))
 
 
+C = rpa.KernelConfig
+DECODE_TILES = [None, C(16, 64, 4, 2), C(16, 128, 4, 2), C(16, 64, 4, 3), C(16, 256, 4, 2)]
+PREFILL_TILES = [None, C(128, 64, 8, 2), C(128, 64, 4, 2), C(64, 64, 4, 2), C(128, 32, 4, 2),
+                 C(256, 32, 8, 2)]
+
+
 def case(pool, caches, q_lens, ctx_lens, copy, max_q):
     inputs = bk.ragged_inputs(pool, q_lens, ctx_lens, bk.n_sets_for(bk.kv_bytes(ctx_lens)))
     (q, _, _, kvl, qsl), varying = inputs
@@ -37,12 +44,28 @@ def case(pool, caches, q_lens, ctx_lens, copy, max_q):
             4 if isinstance(k, ScaledCache) else 0)
         nbytes = sum(ctx_lens) * bk.HKV * 2 * per_row
         ins = ((q, k, v, kvl, qsl), varying)
-        step = bk.kernel_step(max_q_len=max_q)
-        rel, ok = bk.check(step, ins)
-        t = bk.device_time(step, ins)["time_us"]
-        rows.append(dict(cache=name, rel_err=rel, ok=ok, time_us=t,
-                         frac_copy=nbytes / t / 1e3 / copy))
-        print(rows[-1], flush=True)
+        variants = [(None, None)]
+        if isinstance(k, ScaledCache):
+            tiles = DECODE_TILES if max_q == 1 else PREFILL_TILES
+            variants = [(vs, None) for vs in (None, "const", "v_rows")] + [
+                (None, t) for t in tiles[1:]]
+        for vs, tile in variants:
+            rpa.PROBE_VS = vs
+            jax.clear_caches()
+            kw = {} if tile is None else (
+                dict(decode_config=tile) if max_q == 1 else dict(prefill_config=tile))
+            step = bk.kernel_step(max_q_len=max_q, **kw)
+            row = dict(cache=name, vs=vs, tile=tile and [tile.block_m, tile.block_n,
+                                                         tile.num_warps, tile.num_stages])
+            try:
+                rel, ok = bk.check(step, ins)
+                t = bk.device_time(step, ins)["time_us"]
+                row.update(rel_err=rel, ok=ok, time_us=t, frac_copy=nbytes / t / 1e3 / copy)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            rows.append(row)
+            print(rows[-1], flush=True)
+    rpa.PROBE_VS = None
     return rows
 
 
@@ -65,11 +88,14 @@ def main():
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"\ncopy {copy:.0f} GB/s")
-    print("case | cache | us | of copy | rel err")
+    print("case | cache | V scales | tile | us | of copy | rel err")
     for name, rows in result["cases"].items():
         for r in rows:
-            print(f"{name} | {r['cache']} | {r['time_us']:.1f} | {r['frac_copy']:.2f} | "
-                  f"{r['rel_err']:.4f}")
+            if "error" in r:
+                print(f"{name} | {r['cache']} | {r['vs']} | {r['tile']} | {r['error'][:60]}")
+                continue
+            print(f"{name} | {r['cache']} | {r['vs'] or 'main'} | {r['tile'] or 'default'} | "
+                  f"{r['time_us']:.1f} | {r['frac_copy']:.2f} | {r['rel_err']:.4f}")
 
 
 if __name__ == "__main__":
