@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from atom_jax.config import EngineConfig
+from atom_jax.config import KV_CACHE_DTYPES, EngineConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +25,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="K/V cache size (default: 1 GiB on CPU; on GPU 90%% of the memory "
                         "the weights leave)")
     g.add_argument("--num-kv-blocks", type=int, default=None)
-    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
-                   help="fp8: K/V kept as float8_e4m3fn (scale 1), half the memory of bf16")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="fp8: K/V kept as float8_e4m3fn (scale 1), half the memory of bf16; "
+                        "fp8_per_token: float8 with a scale per token and KV head")
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "pallas"])
     g.add_argument("--seed", type=int, default=0)

@@ -123,13 +123,14 @@ class EngineCore:
         on_gpu = jax.default_backend() != "cpu"
         dtype = _DTYPES.get(config.dtype) or (jnp.bfloat16 if on_gpu else jnp.float32)
         self.dtype = dtype
-        self.kv_cache_dtype = jnp.float8_e4m3fn if config.kv_cache_dtype == "fp8" else dtype
+        self.kv_cache_dtype = dtype if config.kv_cache_dtype == "auto" else jnp.float8_e4m3fn
+        self.kv_cache_scaled = config.kv_cache_dtype == "fp8_per_token"
 
         self.startup_times: dict[str, float] = {}  # seconds per start-up phase, for logs and benchmarks
         t0 = time.perf_counter()
         model_config, params, kind, path, gguf_fields = load_model(config.model, dtype,
                                                                    config.load_format)
-        kernel_mode = "off" if config.kv_cache_dtype == "fp8" else config.decode_kernel
+        kernel_mode = "off" if config.kv_cache_dtype != "auto" else config.decode_kernel
         params, model_config, decode_kernel = setup_decode_kernel(
             kernel_mode, get_model_module(model_config), model_config, params, dtype,
             config.block_size)
@@ -166,7 +167,7 @@ class EngineCore:
             attn_impl=config.attn_impl, eos_token_ids=self.eos_token_ids,
             num_scheduler_steps=steps, multi_step_max_seqs=config.multi_step_max_seqs,
             multi_step_auto=config.num_scheduler_steps is None, decode_kernel=decode_kernel,
-            kv_cache_dtype=self.kv_cache_dtype)
+            kv_cache_dtype=self.kv_cache_dtype, kv_cache_scaled=self.kv_cache_scaled)
         jax.block_until_ready(self.runner.kv_cache)
         self.startup_times["kv_cache_s"] = time.perf_counter() - t0
         if config.compile_at_startup:
@@ -199,7 +200,8 @@ class EngineCore:
     def _blocks_for_memory(self, on_gpu: bool) -> int:
         mc = self.model_config
         bytes_per_block = mc.num_layers * kv_cache_bytes_per_layer(
-            (1, self.config.block_size, mc.num_kv_heads, mc.head_dim), self.kv_cache_dtype)
+            (1, self.config.block_size, mc.num_kv_heads, mc.head_dim), self.kv_cache_dtype,
+            self.kv_cache_scaled)
         if self.config.kv_cache_memory_gb is not None:
             budget = self.config.kv_cache_memory_gb * 2**30
         elif on_gpu:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from atom_jax.exported import exported_jit
 from atom_jax.sampler import SAMPLING_MODES, sample, sampling_mode
 from atom_jax.scheduler import ScheduledBatch
-from kernels_pallas.ragged_paged_attention import ScaledCache, is_float8
+from kernels_pallas.ragged_paged_attention import ScaledCache
 
 _BANNED_SLOTS = 16  # per-row token ids masked while a request is below min_tokens
 # Multi-step decode is kept (when chosen automatically) if queueing a step takes the host
@@ -40,29 +40,31 @@ def grows_on_demand(stats: dict) -> bool:
     return "pool_bytes" in stats and stats["pool_bytes"] < stats.get("bytes_limit", 0)
 
 
-def allocate_kv_cache(num_layers: int, shape: tuple, dtype, stacked: bool = False):
+def allocate_kv_cache(num_layers: int, shape: tuple, dtype, stacked: bool = False,
+                      scaled: bool = False):
     """Zeroed (K, V) arrays of every layer: a list of pairs, or with stacked one (K, V) pair
-    over all layers, [num_layers, *shape] (the decode kernel's cache). A float8 cache is a
-    pair of ScaledCaches (float8 rows and a scale per token and KV head). An allocator growing
+    over all layers, [num_layers, *shape] (the decode kernel's cache). With scaled, each is
+    a ScaledCache (float8 rows and a scale per token and KV head). An allocator growing
     on demand would take a region per array, each rounded up to a power of two, and run out
     with the leftovers unusable; so there the whole cache is first taken as one array and
     given back, and its arrays then come from that one free block."""
     if grows_on_demand(jax.devices()[0].memory_stats() or {}):
-        whole = jnp.zeros(num_layers * kv_cache_bytes_per_layer(shape, dtype), jnp.uint8)
+        whole = jnp.zeros(num_layers * kv_cache_bytes_per_layer(shape, dtype, scaled),
+                          jnp.uint8)
         whole.block_until_ready()
         whole.delete()
     if stacked:
         return tuple(jnp.zeros((num_layers, *shape), dtype) for _ in range(2))
-    if is_float8(dtype):
+    if scaled:
         return [tuple(_scaled_cache(shape, dtype) for _ in range(2)) for _ in range(num_layers)]
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)]
 
 
-def kv_cache_bytes_per_layer(shape: tuple, dtype) -> int:
-    """Bytes of one layer's K and V caches of `shape`, a float8 cache's scales included
-    (one float32 per token and KV head, `ScaledCache`)."""
+def kv_cache_bytes_per_layer(shape: tuple, dtype, scaled: bool = False) -> int:
+    """Bytes of one layer's K and V caches of `shape`, with scaled a ScaledCache's scales
+    included (one float32 per token and KV head)."""
     num_pages, page_size, num_kv_heads, head_dim = shape
-    row = head_dim * jnp.dtype(dtype).itemsize + (4 if is_float8(dtype) else 0)
+    row = head_dim * jnp.dtype(dtype).itemsize + (4 if scaled else 0)
     return 2 * num_pages * page_size * num_kv_heads * row
 
 
@@ -253,8 +255,10 @@ class ModelRunner:
                  max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
                  attn_impl: str = "auto", eos_token_ids=(), num_scheduler_steps: int = 1,
                  multi_step_max_seqs: int = 0, multi_step_auto: bool = False,
-                 decode_kernel: DecodeKernel | None = None, kv_cache_dtype=None):
-        """kv_cache_dtype: the K/V cache's dtype; None: the model's (dtype)."""
+                 decode_kernel: DecodeKernel | None = None, kv_cache_dtype=None,
+                 kv_cache_scaled: bool = False):
+        """kv_cache_dtype: the K/V cache's dtype; None: the model's (dtype).
+        kv_cache_scaled: a float8 cache with a scale per token and KV head (ScaledCache)."""
         # With the decode kernel, its step is a jax.export module (see _decode_kernel_program),
         # whose outputs are committed to the device. A committed input makes another program
         # to XLA, so there every array the programs take is committed (no copy is made), and
@@ -289,7 +293,8 @@ class ModelRunner:
             self.kv_cache = self._commit(
                 allocate_kv_cache(model_config.num_layers, shape, kv_dtype, stacked=True))
         else:
-            self.kv_cache = allocate_kv_cache(model_config.num_layers, shape, kv_dtype)
+            self.kv_cache = allocate_kv_cache(model_config.num_layers, shape, kv_dtype,
+                                              scaled=kv_cache_scaled)
         # The last launched step's sampled tokens (padded to max_num_seqs rows) and the row
         # of each sequence in it, so the next step can start before they reach the host.
         self.last_tokens = self._commit(jnp.zeros(max_num_seqs, jnp.int32))

@@ -117,6 +117,10 @@ SPLIT_DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, num_warps=4, num_stag
 # 272, only p @ V so 321 / 255. Contracting V over head_dim, as K is (wrong math, timing
 # only), took 214-218 / 180-185: V's contraction over tokens costs about 20% at 1,400.
 FP8_DECODE_CONFIG = KernelConfig(block_m=16, block_n=128, num_warps=4, num_stages=3)
+# Decode tiles over a ScaledCache. H200, us, this config against FP8_DECODE_CONFIG: 256
+# decodes at 1,400 tokens 286.2 / 289.0; 64 at 4k 198.4 / 201.6 (block_n 64 or 256: 400
+# and more, and 269 and more).
+SCALED_FP8_DECODE_CONFIG = KernelConfig(block_m=16, block_n=128, num_warps=4, num_stages=2)
 # Float32 operands (or head_dim > 128) need half the shared memory per stage.
 DECODE_CONFIG_WIDE = KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)
 PREFILL_CONFIG_WIDE = KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
@@ -144,8 +148,12 @@ COMBINE_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
 # against bfloat16 (each with its best tile): 256 decodes at 1,400 tokens 264.8 / 358.8;
 # 64 at 4k 184.5 / 255.0.
 FP8_COMPUTE_DTYPE = jnp.float16
-# Probe only (scripts/probes/fp8_scaled): how V's scales are applied.
-PROBE_VS = None
+# A ScaledCache's V scales: tiles of at least this many rows multiply V's rows by them,
+# smaller ones the softmax weights. H200, kernels' own time, us, rows against weights:
+# prefill tiles (256 rows) over 8 x 1,024 tokens 369 / 649; decode tiles (16 rows), 256
+# at 1,400 tokens 288.5 / 289.0, 64 at 4k 198.7 / 201.6 (a float8 cache with a scale of
+# 1: 328 / 265.5 / 185.4).
+SCALE_V_ROWS_FROM = 64
 # Multiprocessor count used when the device does not report one (interpret mode on CPU).
 DEFAULT_NUM_SMS = 132
 
@@ -159,13 +167,14 @@ def _wide(dtype, head_dim: int) -> bool:
     return jnp.dtype(dtype).itemsize * _pow2(head_dim) > 256
 
 
-def default_configs(dtype, head_dim: int, cache_dtype=None) -> tuple[KernelConfig, KernelConfig]:
+def default_configs(dtype, head_dim: int, cache_dtype=None,
+                    scaled: bool = False) -> tuple[KernelConfig, KernelConfig]:
     """(decode, prefill) configs for operands of `dtype` and `head_dim` (and a cache of
-    `cache_dtype`, where it is float8)."""
+    `cache_dtype`, where it is float8; `scaled`: a ScaledCache)."""
     if _wide(dtype, head_dim):
         return DECODE_CONFIG_WIDE, PREFILL_CONFIG_WIDE
     if cache_dtype is not None and is_float8(cache_dtype):
-        return FP8_DECODE_CONFIG, PREFILL_CONFIG
+        return (SCALED_FP8_DECODE_CONFIG if scaled else FP8_DECODE_CONFIG), PREFILL_CONFIG
     return DECODE_CONFIG, PREFILL_CONFIG
 
 
@@ -475,15 +484,18 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
                 # V's scales go onto p, relative to the step's largest so that p stays in
                 # [0, 1] (absolute scales would push 16-bit weights into subnormals).
                 vs = load_scales(vs_ref)
-                if PROBE_VS == "const":  # timing only: no max (not safe for large scales)
-                    pv = lax.dot_general((p * (vs * 4096.0)[None, :]).astype(v.dtype), v,
-                                         (((1,), (0,)), ((), ())),
-                                         preferred_element_type=jnp.float32) * (1 / 4096.0)
-                elif PROBE_VS == "v_rows":
-                    vr = (v.astype(jnp.float32) * vs[:, None]).astype(v.dtype)
-                    pv = lax.dot_general(p.astype(v.dtype), vr, (((1,), (0,)), ((), ())),
+                if block_m >= SCALE_V_ROWS_FROM:
+                    # Many rows share the tile: scale V's rows once (clamped, so a value
+                    # past float16's range stays finite).
+                    f16_max = float(jnp.finfo(v.dtype).max)
+                    v = jnp.clip(v.astype(jnp.float32) * vs[:, None], -f16_max,
+                                 f16_max).astype(v.dtype)
+                    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                          preferred_element_type=jnp.float32)
                 else:
+                    # Few rows: scale the softmax weights instead, relative to the step's
+                    # largest scale so they stay in [0, 1] (absolute scales would push the
+                    # 16-bit weights into subnormals).
                     v_max = jnp.maximum(jnp.max(vs), jnp.finfo(jnp.float32).tiny)
                     pv = lax.dot_general((p * (vs / v_max)[None, :]).astype(v.dtype), v,
                                          (((1,), (0,)), ((), ())),
@@ -807,7 +819,7 @@ def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_st
         raise ValueError(f"{num_q_heads=} is not a multiple of {num_kv_heads=}")
     group = num_q_heads // num_kv_heads
     op_dtype = k_cache.dtype if k_cache.dtype.itemsize > q.dtype.itemsize else q.dtype
-    dec_cfg, pre_cfg = default_configs(op_dtype, head_dim, k_cache.dtype)
+    dec_cfg, pre_cfg = default_configs(op_dtype, head_dim, k_cache.dtype, scales is not None)
     split_cfg = decode_config or default_split_config(op_dtype, head_dim)
     dec_cfg = decode_config or dec_cfg
     pre_cfg = prefill_config or pre_cfg

@@ -122,6 +122,7 @@ def throughput_run(args) -> dict:
         "output_tok_per_s": out_tokens / seconds, "total_tok_per_s": (in_tokens + out_tokens) / seconds,
         "engine_start_s": startup, "max_num_seqs": args.max_num_seqs,
         "kv_cache_dtype": jnp.dtype(llm.engine.kv_cache_dtype).name,
+        "kv_cache_scales": "per token and KV head" if llm.engine.kv_cache_scaled else None,
         "kv_cache_tokens": llm.engine.runner.num_blocks * llm.engine.runner.block_size,
         "gpu_memory_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
         "max_num_batched_tokens": args.max_num_batched_tokens,
@@ -131,7 +132,7 @@ def throughput_run(args) -> dict:
         "multi_step": multi_step_info(llm.engine),
     }
     name = Path(args.model).stem if args.model else "smollm2-135m"  # None: the embedded model
-    name += "-fp8kv" if args.kv_cache_dtype == "fp8" else ""
+    name += {"fp8": "-fp8kv", "fp8_per_token": "-fp8kv-per-token"}.get(args.kv_cache_dtype, "")
     write_json(args.out if args.out != DEFAULT_OUT else f"docs/benchmarks/offline-{args.workload}-{name}.json", result)
     print(f"\n{args.workload} on {result['device']}: {n} requests, {out_tokens} output tokens in "
           f"{seconds:.1f} s -> {result['output_tok_per_s']:.0f} output tok/s, "
@@ -143,6 +144,8 @@ DEFAULT_OUT = "docs/benchmarks/offline-cpu.json"
 
 
 def main():
+    from atom_jax.config import KV_CACHE_DTYPES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
@@ -159,7 +162,7 @@ def main():
     parser.add_argument("--workload", default="streams", choices=["streams", *WORKLOADS])
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--requests", type=int, default=None, help="override the workload's count")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                         help="EngineConfig.kv_cache_dtype (throughput workloads)")
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()

@@ -151,11 +151,13 @@ def test_the_kv_cache_dtype_is_checked_and_fp8_turns_the_kernel_away():
     """The kernel reads a cache in the model's dtype: asked for with an fp8 cache, the
     engine says so before loading anything; an unknown cache dtype is named."""
     from atom_jax.config import EngineConfig
-    with pytest.raises(ValueError, match="decode_kernel on needs a cache in the model's dtype"):
-        EngineConfig(decode_kernel="on", kv_cache_dtype="fp8").validate()
-    with pytest.raises(ValueError, match="kv_cache_dtype must be auto or fp8, got 'int8'"):
+    for fp8 in ("fp8", "fp8_per_token"):
+        with pytest.raises(ValueError, match=f"in the model's dtype, not kv_cache_dtype {fp8}$"):
+            EngineConfig(decode_kernel="on", kv_cache_dtype=fp8).validate()
+        EngineConfig(decode_kernel="auto", kv_cache_dtype=fp8).validate()  # auto: kernel off
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, fp8, "
+                                         "fp8_per_token, got 'int8'"):
         EngineConfig(kv_cache_dtype="int8").validate()
-    EngineConfig(decode_kernel="auto", kv_cache_dtype="fp8").validate()  # auto: kernel off
 
 
 @pytest.mark.gpu

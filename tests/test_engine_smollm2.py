@@ -97,14 +97,40 @@ def test_preemption_completes_everything_identically(llm):
     assert_all_blocks_free(small)
 
 
-def test_a_float8_kv_cache_holds_nearly_four_times_the_tokens_and_generates_alike(llm):
-    """kv_cache_dtype fp8: every layer's cache is a ScaledCache of float8 rows with a
-    float32 scale per token and KV head (68 bytes a row of this model's 64 dims, against
-    256 in the float32 CPU cache, so 3.76 times the blocks in the same memory), and greedy
-    decoding follows the full-precision cache's: the same first 8 tokens, and first-token
-    probabilities within 0.1 (measured: up to 0.061). Further on, float8's 3 bits of
-    mantissa may flip a near-tie (48 tokens of these prompts kept 8-48 tokens alike)."""
+def test_a_float8_kv_cache_holds_four_times_the_tokens_and_generates_alike(llm):
+    """kv_cache_dtype fp8: every layer's cache is float8 (a quarter of the float32 CPU
+    cache's bytes, so four times the blocks in the same 1 GiB), and greedy decoding
+    follows the full-precision cache's: the same first 8 tokens, and first-token
+    probabilities within 0.15 (measured: up to 0.11). The rounding is coarse where values
+    are small: with a scale of 1, float8 keeps values under 2^-6 as subnormals, and 40% of
+    this model's layer-0 V values are that small. Further on, it may flip a near-tie."""
     fp8 = LLM(kv_cache_dtype="fp8", max_num_batched_tokens=64, max_num_seqs=16,
+              max_model_len=1024, compile_at_startup=False)
+    assert {a.dtype for layer in fp8.engine.runner.kv_cache for a in layer} == {
+        jnp.dtype(jnp.float8_e4m3fn)}
+    assert fp8.engine.block_manager.num_blocks // 4 == llm.engine.block_manager.num_blocks
+    params = SamplingParams(temperature=0, max_tokens=16, logprobs=0)
+    messages = [[{"role": "user", "content": p}] for p in CHAT_PROMPTS]
+    for want, got in zip(llm.chat(messages, params), fp8.chat(messages, params)):
+        want, got = want.outputs[0], got.outputs[0]
+        assert got.token_ids[:8] == want.token_ids[:8], (want.text, got.text)
+        first_want, first_got = want.logprobs[0], got.logprobs[0]
+        assert first_got.keys() == first_want.keys()
+        for token, logprob in first_want.items():
+            assert abs(math.exp(first_got[token]) - math.exp(logprob)) < 0.15, (
+                token, logprob, first_got[token])
+    assert_all_blocks_free(fp8)
+
+
+def test_a_float8_kv_cache_with_scales_per_token_follows_full_precision_closer(llm):
+    """kv_cache_dtype fp8_per_token: every layer's cache is a ScaledCache of float8 rows
+    with a float32 scale per token and KV head (68 bytes a row of this model's 64 dims,
+    against 256 in the float32 CPU cache, so 3.76 times the blocks in the same memory).
+    Small values keep their mantissa, so first-token probabilities stay within 0.08 of the
+    full-precision cache's (measured: up to 0.061, where a scale of 1 moved them by up to
+    0.11); 48 greedy tokens of these prompts kept 8, 17, 32 and 48 tokens alike (8, 12,
+    12 and 37 with a scale of 1)."""
+    fp8 = LLM(kv_cache_dtype="fp8_per_token", max_num_batched_tokens=64, max_num_seqs=16,
               max_model_len=1024, compile_at_startup=False)
     caches = [c for layer in fp8.engine.runner.kv_cache for c in layer]
     assert all(isinstance(c, ScaledCache) for c in caches)
@@ -121,6 +147,6 @@ def test_a_float8_kv_cache_holds_nearly_four_times_the_tokens_and_generates_alik
         first_want, first_got = want.logprobs[0], got.logprobs[0]
         assert first_got.keys() == first_want.keys()
         for token, logprob in first_want.items():
-            assert abs(math.exp(first_got[token]) - math.exp(logprob)) < 0.1, (
+            assert abs(math.exp(first_got[token]) - math.exp(logprob)) < 0.08, (
                 token, logprob, first_got[token])
     assert_all_blocks_free(fp8)

@@ -92,7 +92,7 @@ def test_kv_cache_cannot_be_sized_without_an_allocator_limit():
     from types import SimpleNamespace
     fake = SimpleNamespace(  # the parts of an EngineCore the sizing reads
         model_config=SimpleNamespace(num_layers=2, num_kv_heads=2, head_dim=64),
-        config=EngineConfig(), kv_cache_dtype="bfloat16")
+        config=EngineConfig(), kv_cache_dtype="bfloat16", kv_cache_scaled=False)
     # the CPU device reports no memory figures, as the platform allocator does not
     with pytest.raises(ValueError, match="kv_cache_memory_gb"):
         engine_module.EngineCore._blocks_for_memory(fake, on_gpu=True)

@@ -85,7 +85,8 @@ def test_the_kv_cache_dtype_flag_reaches_the_engine_config():
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
     assert engine_config_from_args(parser.parse_args([])).kv_cache_dtype == "auto"
-    config = engine_config_from_args(parser.parse_args(["--kv-cache-dtype", "fp8"]))
-    assert config.kv_cache_dtype == "fp8"
+    for fp8 in ("fp8", "fp8_per_token"):
+        config = engine_config_from_args(parser.parse_args(["--kv-cache-dtype", fp8]))
+        assert config.kv_cache_dtype == fp8
     with pytest.raises(SystemExit):  # argparse names the choices on stderr
         parser.parse_args(["--kv-cache-dtype", "int4"])
