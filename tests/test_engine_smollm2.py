@@ -97,6 +97,21 @@ def test_preemption_completes_everything_identically(llm):
     assert_all_blocks_free(small)
 
 
+def assert_greedy_chats_alike(want_llm, got_llm, *, max_first_token_shift: float):
+    """The chat prompts' 16 greedy tokens: the first 8 the same, and the first token's
+    probability within max_first_token_shift."""
+    params = SamplingParams(temperature=0, max_tokens=16, logprobs=0)
+    messages = [[{"role": "user", "content": p}] for p in CHAT_PROMPTS]
+    for want, got in zip(want_llm.chat(messages, params), got_llm.chat(messages, params)):
+        want, got = want.outputs[0], got.outputs[0]
+        assert got.token_ids[:8] == want.token_ids[:8], (want.text, got.text)
+        first_want, first_got = want.logprobs[0], got.logprobs[0]
+        assert first_got.keys() == first_want.keys()
+        for token, logprob in first_want.items():
+            shift = abs(math.exp(first_got[token]) - math.exp(logprob))
+            assert shift < max_first_token_shift, (token, logprob, first_got[token])
+
+
 def test_a_float8_kv_cache_holds_four_times_the_tokens_and_generates_alike(llm):
     """kv_cache_dtype fp8: every layer's cache is float8 (a quarter of the float32 CPU
     cache's bytes, so four times the blocks in the same 1 GiB), and greedy decoding
@@ -109,16 +124,7 @@ def test_a_float8_kv_cache_holds_four_times_the_tokens_and_generates_alike(llm):
     assert {a.dtype for layer in fp8.engine.runner.kv_cache for a in layer} == {
         jnp.dtype(jnp.float8_e4m3fn)}
     assert fp8.engine.block_manager.num_blocks // 4 == llm.engine.block_manager.num_blocks
-    params = SamplingParams(temperature=0, max_tokens=16, logprobs=0)
-    messages = [[{"role": "user", "content": p}] for p in CHAT_PROMPTS]
-    for want, got in zip(llm.chat(messages, params), fp8.chat(messages, params)):
-        want, got = want.outputs[0], got.outputs[0]
-        assert got.token_ids[:8] == want.token_ids[:8], (want.text, got.text)
-        first_want, first_got = want.logprobs[0], got.logprobs[0]
-        assert first_got.keys() == first_want.keys()
-        for token, logprob in first_want.items():
-            assert abs(math.exp(first_got[token]) - math.exp(logprob)) < 0.15, (
-                token, logprob, first_got[token])
+    assert_greedy_chats_alike(llm, fp8, max_first_token_shift=0.15)
     assert_all_blocks_free(fp8)
 
 
@@ -139,14 +145,5 @@ def test_a_float8_kv_cache_with_scales_per_token_follows_full_precision_closer(l
     ratio = head_dim * 4 / (head_dim + 4)
     assert abs(fp8.engine.block_manager.num_blocks
                - llm.engine.block_manager.num_blocks * ratio) < ratio
-    params = SamplingParams(temperature=0, max_tokens=16, logprobs=0)
-    messages = [[{"role": "user", "content": p}] for p in CHAT_PROMPTS]
-    for want, got in zip(llm.chat(messages, params), fp8.chat(messages, params)):
-        want, got = want.outputs[0], got.outputs[0]
-        assert got.token_ids[:8] == want.token_ids[:8], (want.text, got.text)
-        first_want, first_got = want.logprobs[0], got.logprobs[0]
-        assert first_got.keys() == first_want.keys()
-        for token, logprob in first_want.items():
-            assert abs(math.exp(first_got[token]) - math.exp(logprob)) < 0.08, (
-                token, logprob, first_got[token])
+    assert_greedy_chats_alike(llm, fp8, max_first_token_shift=0.08)
     assert_all_blocks_free(fp8)

@@ -411,7 +411,8 @@ def test_write_kv_and_attend_matches_reference(case, interpret):
 
 
 # --------------------------------------------------------------------------------------
-# A float8 cache (EngineConfig.kv_cache_dtype "fp8"): read upcast, written saturated.
+# A float8 cache (EngineConfig.kv_cache_dtype "fp8"): read upcast, written saturated;
+# and with a scale per token and KV head ("fp8_per_token", a ScaledCache).
 # --------------------------------------------------------------------------------------
 
 FP8 = jnp.float8_e4m3fn
@@ -422,19 +423,40 @@ def with_fp8_cache(b: Batch) -> Batch:
                                      ("k_clean", "v_clean", "k_poison", "v_poison")})
 
 
+def scaled(cache) -> ScaledCache:
+    """A [pages, page_size, Hkv, D] cache quantized row by row (NaN rows stay NaN)."""
+    data, scale = quantize_rows(cache)
+    return ScaledCache(data, scale.transpose(0, 2, 1))
+
+
+def dequantized(cache: ScaledCache) -> np.ndarray:
+    return (np.asarray(cache.data, np.float32)
+            * np.asarray(cache.scale).transpose(0, 2, 1)[..., None])
+
+
+def with_scaled_cache(b: Batch) -> Batch:
+    return dataclasses.replace(b, **{name: scaled(getattr(b, name)) for name in
+                                     ("k_clean", "v_clean", "k_poison", "v_poison")})
+
+
 @pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("scales", ["scale-1", "per-token"])
 @pytest.mark.parametrize("case", [RAGGED_CASES[1], RAGGED_CASES[3]],
                          ids=[RAGGED_CASES[1][0], RAGGED_CASES[3][0]])
-def test_kernel_reads_a_float8_cache(case, interpret):
+def test_kernel_reads_a_float8_cache(case, scales, interpret):
     """Kernel and reference read the same float8 values, so they agree as closely as with
-    a cache in q's dtype (bf16 and float32 queries, context splits forced)."""
+    a cache in q's dtype (bf16 and float32 queries, context splits forced). With scales
+    per token (a ScaledCache) the kernel multiplies the scores by K's, and V's rows
+    (prefill tiles) or the softmax weights (decode tiles) by V's, as the reference
+    multiplies the rows it reads."""
     _, seed, num_seqs, max_ctx, max_q, decode_frac, hq, hkv, d, ps, dtype, kw = case
     rng = np.random.default_rng(seed)
     q_lens, kv_lens = ragged_lengths(rng, num_seqs, max_ctx=max_ctx, max_q=max_q,
                                      decode_frac=decode_frac)
     b = make_batch(rng, q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
                    page_size=ps, dtype=dtype)
-    run_and_check(with_fp8_cache(b), dtype, interpret=interpret, **kw)
+    b = with_fp8_cache(b) if scales == "scale-1" else with_scaled_cache(b)
+    run_and_check(b, dtype, interpret=interpret, **kw)
 
 
 @pytest.mark.parametrize("interpret", MODES)
@@ -478,6 +500,36 @@ def test_write_kv_to_a_float8_cache_saturates():
                                   [-448.0, 448.0, -3.0, -float(jnp.asarray(0.1, FP8))])
 
 
+def write_both_ways(case, seed, cache_of, interpret):
+    """A WRITE_CASES batch (8 query heads, 2 KV heads, head_dim 128, bf16) in caches made
+    by `cache_of`, whose new K/V rows have column 0 times 1,000 (past float8's range): the
+    reference and the kernel each write them and attend.
+
+    The queries' column 0 is zero, so those keys leave the scores alone (scores in the
+    hundreds would make any two softmax implementations differ in the rounding of
+    near-ties). Returns (batch, new K/V rows, slots, the reference's (out, k, v), the
+    kernel's (out, k, v)).
+    """
+    _, q_lens, ctx_lens, kw = case
+    rng = np.random.default_rng(seed)
+    hq, hkv, d, ps, dtype = 8, 2, 128, 16, jnp.bfloat16
+    b = make_batch(rng, q_lens, ctx_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                   page_size=ps, dtype=dtype, pad_seqs=1, pad_tokens=1)
+    slots = jnp.asarray(new_token_slots(b, ps))
+    b = cache_of(b)
+    kv_new = rng.standard_normal((b.q.shape[0], 2 * hkv, d))
+    kv_new[:, :, 0] *= 1000.0
+    b = dataclasses.replace(b, q=b.q.at[:, :, 0].set(0))
+    qkv = jnp.concatenate([b.q, jnp.asarray(kv_new, dtype)], axis=1)
+    meta = (b.kv_lens, b.block_tables, b.query_start_loc)
+    want = write_kv_and_attend(qkv, b.k_clean, b.v_clean, slots, *meta, sm_scale=d ** -0.5,
+                               impl="xla")
+    got = write_kv_and_attend_pallas(
+        qkv, b.k_poison, b.v_poison, slots, *meta, sm_scale=d ** -0.5, interpret=interpret,
+        out_init=jnp.full_like(b.q, jnp.nan), **kw)
+    return b, kv_new, slots, want, got
+
+
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("case", [WRITE_CASES[1], WRITE_CASES[5]],
                          ids=[WRITE_CASES[1][0], WRITE_CASES[5][0]])
@@ -485,27 +537,9 @@ def test_write_kv_and_attend_into_a_float8_cache(case, interpret):
     """The kernel's own K/V writes into a float8 cache (inside the decode launch, and in
     the separate write launch) store exactly what the reference stores, saturation
     included, and attention over them matches."""
-    _, q_lens, ctx_lens, kw = case
-    rng = np.random.default_rng(113)
-    hq, hkv, d, ps, dtype = 8, 2, 128, 16, jnp.bfloat16
-    b = with_fp8_cache(make_batch(rng, q_lens, ctx_lens, num_q_heads=hq, num_kv_heads=hkv,
-                                  head_dim=d, page_size=ps, dtype=dtype, pad_seqs=1,
-                                  pad_tokens=1))
-    t = b.q.shape[0]
-    kv_new = rng.standard_normal((t, 2 * hkv, d))
-    # Column 0 past float8's range, saturated on the way in. The queries' column 0 is
-    # zero, so the saturated keys leave the scores alone (scores in the hundreds would
-    # make any two softmax implementations differ in the rounding of near-ties).
-    kv_new[:, :, 0] *= 1000.0
-    b = dataclasses.replace(b, q=b.q.at[:, :, 0].set(0))
-    qkv = jnp.concatenate([b.q, jnp.asarray(kv_new, dtype)], axis=1)
-    slots = jnp.asarray(new_token_slots(b, ps))
-    meta = (b.kv_lens, b.block_tables, b.query_start_loc)
-    want, want_k, want_v = write_kv_and_attend(qkv, b.k_clean, b.v_clean, slots, *meta,
-                                               sm_scale=d ** -0.5, impl="xla")
-    out, k_cache, v_cache = write_kv_and_attend_pallas(
-        qkv, b.k_poison, b.v_poison, slots, *meta, sm_scale=d ** -0.5, interpret=interpret,
-        out_init=jnp.full_like(b.q, jnp.nan), **kw)
+    b, _, _, (want, want_k, want_v), (out, k_cache, v_cache) = write_both_ways(
+        case, 113, with_fp8_cache, interpret)
+    dtype = jnp.bfloat16
     assert k_cache.dtype == FP8 and np.isfinite(np.asarray(want_k, np.float32)).all()
     used = np.isfinite(np.asarray(b.k_poison, np.float32)) | np.isfinite(
         np.asarray(k_cache, np.float32))
@@ -521,24 +555,8 @@ def test_write_kv_and_attend_into_a_float8_cache(case, interpret):
 
 
 # --------------------------------------------------------------------------------------
-# A float8 cache with a scale per token and KV head (ScaledCache, the engine's fp8 cache).
+# Writes into a ScaledCache, and what its scales buy.
 # --------------------------------------------------------------------------------------
-
-
-def scaled(cache) -> ScaledCache:
-    """A [pages, page_size, Hkv, D] cache quantized row by row (NaN rows stay NaN)."""
-    data, scale = quantize_rows(cache)
-    return ScaledCache(data, scale.transpose(0, 2, 1))
-
-
-def dequantized(cache: ScaledCache) -> np.ndarray:
-    return (np.asarray(cache.data, np.float32)
-            * np.asarray(cache.scale).transpose(0, 2, 1)[..., None])
-
-
-def with_scaled_cache(b: Batch) -> Batch:
-    return dataclasses.replace(b, **{name: scaled(getattr(b, name)) for name in
-                                     ("k_clean", "v_clean", "k_poison", "v_poison")})
 
 
 def test_write_kv_to_a_scaled_cache_keeps_every_magnitude():
@@ -584,45 +602,15 @@ def test_a_scaled_cache_keeps_small_values_that_a_scale_of_one_rounds_away():
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("case", [RAGGED_CASES[1], RAGGED_CASES[3]],
-                         ids=[RAGGED_CASES[1][0], RAGGED_CASES[3][0]])
-def test_kernel_reads_a_scaled_float8_cache(case, interpret):
-    """The kernel applies the scales (K's to the scores, V's to the softmax weights) as
-    the reference does to the rows; bf16 and float32 queries, context splits forced."""
-    _, seed, num_seqs, max_ctx, max_q, decode_frac, hq, hkv, d, ps, dtype, kw = case
-    rng = np.random.default_rng(seed)
-    q_lens, kv_lens = ragged_lengths(rng, num_seqs, max_ctx=max_ctx, max_q=max_q,
-                                     decode_frac=decode_frac)
-    b = make_batch(rng, q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
-                   page_size=ps, dtype=dtype)
-    run_and_check(with_scaled_cache(b), dtype, interpret=interpret, **kw)
-
-
-@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("case", [WRITE_CASES[1], WRITE_CASES[5]],
                          ids=[WRITE_CASES[1][0], WRITE_CASES[5][0]])
 def test_write_kv_and_attend_into_a_scaled_float8_cache(case, interpret):
     """The kernel's own writes into a ScaledCache (inside the decode launch, and in the
     separate write launch) store the reference's rows and scales; values of 1,000 are kept
     (not saturated at 448), and attention over them matches."""
-    _, q_lens, ctx_lens, kw = case
-    rng = np.random.default_rng(114)
-    hq, hkv, d, ps, dtype = 8, 2, 128, 16, jnp.bfloat16
-    b = make_batch(rng, q_lens, ctx_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
-                   page_size=ps, dtype=dtype, pad_seqs=1, pad_tokens=1)
-    slots = jnp.asarray(new_token_slots(b, ps))
-    b = with_scaled_cache(b)
-    t = b.q.shape[0]
-    kv_new = rng.standard_normal((t, 2 * hkv, d))
-    kv_new[:, :, 0] *= 1000.0
-    b = dataclasses.replace(b, q=b.q.at[:, :, 0].set(0))  # as in the float8 test above
-    qkv = jnp.concatenate([b.q, jnp.asarray(kv_new, dtype)], axis=1)
-    meta = (b.kv_lens, b.block_tables, b.query_start_loc)
-    want, want_k, want_v = write_kv_and_attend(qkv, b.k_clean, b.v_clean, slots, *meta,
-                                               sm_scale=d ** -0.5, impl="xla")
-    out, k_cache, v_cache = write_kv_and_attend_pallas(
-        qkv, b.k_poison, b.v_poison, slots, *meta, sm_scale=d ** -0.5, interpret=interpret,
-        out_init=jnp.full_like(b.q, jnp.nan), **kw)
+    b, kv_new, slots, (want, want_k, want_v), (out, k_cache, v_cache) = write_both_ways(
+        case, 114, with_scaled_cache, interpret)
+    hkv, d, dtype = 2, 128, jnp.bfloat16
     assert isinstance(k_cache, ScaledCache) and k_cache.data.dtype == FP8
     for got, ref in ((k_cache, want_k), (v_cache, want_v)):
         used = np.isfinite(np.asarray(ref.data, np.float32)) & np.isfinite(
