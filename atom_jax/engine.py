@@ -188,7 +188,8 @@ class EngineCore:
         logger.info("start-up: %s; %d KV blocks of %d tokens (%s): %d tokens, %.1f sequences "
                     "of max_model_len %d at once",
                     ", ".join(f"{k} {v:.1f}" for k, v in self.startup_times.items()),
-                    num_blocks, config.block_size, jnp.dtype(self.kv_cache_dtype).name,
+                    num_blocks, config.block_size, jnp.dtype(self.kv_cache_dtype).name
+                    + (", a scale per token and KV head" if self.kv_cache_scaled else ""),
                     kv_tokens, kv_tokens / self.max_model_len,
                     self.max_model_len)
         self.requests: dict[str, _Request] = {}

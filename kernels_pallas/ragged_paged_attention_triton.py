@@ -144,9 +144,9 @@ COMBINE_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
 # The dtype a float8 cache's K/V (and with them q and the softmax weights) are upcast to
 # for the matrix units, where q is 16-bit. float16: Triton converts float8 to it faster
 # than to bfloat16, and it keeps 3 more bits of mantissa; q is clamped to its +-65,504
-# (bfloat16's range is float32's). H200, decode tiles over a float8 cache, kernels' own time, us, upcast to float16
-# against bfloat16 (each with its best tile): 256 decodes at 1,400 tokens 264.8 / 358.8;
-# 64 at 4k 184.5 / 255.0.
+# (bfloat16's range is float32's). H200, decode tiles over a float8 cache, kernels' own
+# time, us, upcast to float16 against bfloat16 (each with its best tile): 256 decodes at
+# 1,400 tokens 264.8 / 358.8; 64 at 4k 184.5 / 255.0.
 FP8_COMPUTE_DTYPE = jnp.float16
 # A ScaledCache's V scales: tiles of at least this many rows multiply V's rows by them,
 # smaller ones the softmax weights. H200, kernels' own time, us, rows against weights:

@@ -140,7 +140,9 @@ def offline_section(name, data, out_dir: Path) -> list[str]:
     else:
         lines += [f"{data['requests']} requests on {data['device']}: "
                   f"{data['output_tok_per_s']:.0f} output tok/s, {data['total_tok_per_s']:.0f} total tok/s."
-                  + (f" K/V cache: {data['kv_cache_dtype']}." if data.get("kv_cache_dtype") else "")
+                  + (f" K/V cache: {data['kv_cache_dtype']}" if data.get("kv_cache_dtype") else "")
+                  + (f", scales {data['kv_cache_scales']}" if data.get("kv_cache_scales") else "")
+                  + ("." if data.get("kv_cache_dtype") else "")
                   + measured_code(data)]
     return lines + [""]
 
@@ -255,7 +257,8 @@ def headline_section(kinds) -> list[str]:
             key = "tput_1k1k" if d["benchmark"] == "offline-1k1k" else "tput_nano"
             row = Path(d["model"]).stem
             if d.get("kv_cache_dtype", "bfloat16").startswith("float8"):
-                row += " (float8 K/V cache)"
+                row += (" (float8 K/V cache, scales per token)" if d.get("kv_cache_scales")
+                        else " (float8 K/V cache)")
             rows.setdefault(row, {})[key] = d["output_tok_per_s"]
     for _, d in kinds["startup"]:
         s = d["startup"]

@@ -60,12 +60,15 @@ def test_a_throughput_run_with_a_float8_cache_gets_a_headline_row_of_its_own(tmp
     usual = json.loads((BENCHMARKS / "offline-1k1k-llama-3.1-8b.json").read_text())
     fp8 = dict(usual, output_tok_per_s=usual["output_tok_per_s"] * 1.25,
                kv_cache_dtype="float8_e4m3fn")
-    (tmp_path / "usual.json").write_text(json.dumps(usual))
-    (tmp_path / "fp8.json").write_text(json.dumps(fp8))
+    per_token = dict(fp8, output_tok_per_s=usual["output_tok_per_s"] * 1.125,
+                     kv_cache_scales="per token and KV head")
+    for name, data in (("usual", usual), ("fp8", fp8), ("per_token", per_token)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
     main(["--dir", str(tmp_path)])
     lines = (tmp_path / "README.md").read_text().splitlines()
-    fp8_row = [ln for ln in lines if ln.startswith("| llama-3.1-8b (float8 K/V cache) |")]
-    usual_row = [ln for ln in lines if ln.startswith("| llama-3.1-8b |")]
-    assert len(fp8_row) == 1 and f"| {fp8['output_tok_per_s']:.0f} |" in fp8_row[0]
-    assert len(usual_row) == 1 and f"| {usual['output_tok_per_s']:.0f} |" in usual_row[0]
+    for data, label in ((usual, ""), (fp8, " (float8 K/V cache)"),
+                        (per_token, " (float8 K/V cache, scales per token)")):
+        row = [ln for ln in lines if ln.startswith(f"| llama-3.1-8b{label} |")]
+        assert len(row) == 1 and f"| {data['output_tok_per_s']:.0f} |" in row[0], label
     assert any("K/V cache: float8_e4m3fn." in ln for ln in lines)
+    assert any("K/V cache: float8_e4m3fn, scales per token and KV head." in ln for ln in lines)
