@@ -481,8 +481,6 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
                 pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                      preferred_element_type=jnp.float32)
             else:
-                # V's scales go onto p, relative to the step's largest so that p stays in
-                # [0, 1] (absolute scales would push 16-bit weights into subnormals).
                 vs = load_scales(vs_ref)
                 if block_m >= SCALE_V_ROWS_FROM:
                     # Many rows share the tile: scale V's rows once (clamped, so a value
