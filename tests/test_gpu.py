@@ -76,7 +76,7 @@ import jax, jax.numpy as jnp
 from atom_jax import LLM, SamplingParams
 from atom_jax import model_runner
 if not {reserve}:  # each layer's arrays allocated as they come, as before the reservation
-    model_runner.allocate_kv_cache = lambda n, shape, dtype: [
+    model_runner.allocate_kv_cache = lambda n, shape, dtype, **_: [
         (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(n)]
 llm = LLM({str(model_dir)!r}, dtype="bfloat16", max_num_batched_tokens=64, max_num_seqs=4,
           max_model_len=512)
