@@ -544,22 +544,21 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
                                 head_dim)
 
 
-def _launch(tile_args, q, k_flat, v_flat, block_tables, out, *, group, head_dim,
-            page_size, cfg, sm_scale, soft_cap, sliding_window, num_splits, out_mode,
-            interpret, name, decode_max_q=None, slot_mapping=None, scales=None):
+def _launch(tile_args, q, kv, block_tables, out, *, group, head_dim, page_size, cfg,
+            sm_scale, soft_cap, sliding_window, num_splits, out_mode, interpret, name,
+            decode_max_q=None, slot_mapping=None):
     """One pallas_call over grid (tiles, kv_heads, splits); returns its outputs, a tuple.
 
     tile_args: (query_start_loc, kv_lens) for a decode launch (one tile per sequence), or
     (tile_table,) for a prefill launch. out_mode "out" -> (out,); "split" -> (o_part, lse);
     "fused" -> (out, o_part, lse, counters). `out`, if given, is the buffer the output rows
-    are written into. q holds the query heads first ([T, Hq, D]); with slot_mapping (decode
-    launches) it is [T, Hq + 2 Hkv, D] with the new K and V heads after them, the launch
-    writes those into the cache, and (k_flat, v_flat) are appended to its outputs.
-    scales: (k_scale, v_scale) of a ScaledCache, or None; where the launch writes they are
-    appended to its outputs after the caches.
+    are written into. kv: the flat caches (k_flat, v_flat), then a ScaledCache's
+    (k_scale, v_scale). q holds the query heads first ([T, Hq, D]); with slot_mapping
+    (decode launches) it is [T, Hq + 2 Hkv, D] with the new K and V heads after them, the
+    launch writes those into the cache, and the arrays of kv are appended to its outputs.
     """
     num_tokens = q.shape[0]
-    num_kv_heads = k_flat.shape[1]
+    num_kv_heads = kv[0].shape[1]
     num_q_heads = num_kv_heads * group
     new_kv_heads = None
     if slot_mapping is not None:
@@ -572,8 +571,7 @@ def _launch(tile_args, q, k_flat, v_flat, block_tables, out, *, group, head_dim,
                              jnp.float32),
         jax.ShapeDtypeStruct((num_tiles, num_kv_heads, num_splits, cfg.block_m), jnp.float32),
     )
-    cache = [k_flat, v_flat, *(scales or ())]
-    args = [*tile_args, q, *cache, block_tables]
+    args = [*tile_args, q, *kv, block_tables]
     if slot_mapping is not None:
         args.append(slot_mapping)
     aliases = {}
@@ -592,15 +590,15 @@ def _launch(tile_args, q, k_flat, v_flat, block_tables, out, *, group, head_dim,
     num_aliased = len(aliases)
     if slot_mapping is not None:
         first_cache_arg = len(tile_args) + 1
-        for i, a in enumerate(cache):
+        for i, a in enumerate(kv):
             aliases[first_cache_arg + i] = len(out_shape) + i
-        out_shape = (*out_shape, *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in cache))
+        out_shape = (*out_shape, *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in kv))
     kernel = functools.partial(
         _attention_kernel, group=group, head_dim=head_dim, page_size=page_size, cfg=cfg,
         sm_scale=float(sm_scale), soft_cap=None if soft_cap is None else float(soft_cap),
         sliding_window=None if sliding_window is None else int(sliding_window),
         num_splits=num_splits, out_mode=out_mode, num_aliased=num_aliased,
-        decode_max_q=decode_max_q, new_kv_heads=new_kv_heads, scaled=scales is not None,
+        decode_max_q=decode_max_q, new_kv_heads=new_kv_heads, scaled=len(kv) == 4,
         interpret=interpret)
     return pl.pallas_call(
         kernel,
@@ -682,12 +680,12 @@ def _write_kv_kernel(slot_ref, qkv_ref, *refs, rows: int, new_kv_heads: tuple[in
                     _pow2(head_dim), head_dim, *scale_refs, page_size=page_size)
 
 
-def _write_kv(qkv, cache, slot_mapping, *, num_q_heads, head_dim, page_size, interpret):
+def _write_kv(qkv, kv, slot_mapping, *, num_q_heads, head_dim, page_size, interpret):
     """One launch that writes the new tokens' K/V (heads after the queries in qkv) into the
-    flat caches, in place. cache: (k_flat, v_flat) or (k_flat, v_flat, k_scale, v_scale);
-    returned updated, as a tuple of the same arrays."""
+    flat caches, in place. kv: as `_launch` takes it; returned updated, a tuple of the same
+    arrays."""
     num_tokens = qkv.shape[0]
-    num_kv_heads = cache[0].shape[1]
+    num_kv_heads = kv[0].shape[1]
     rows = 16
     kernel = functools.partial(_write_kv_kernel, rows=rows, head_dim=head_dim,
                                new_kv_heads=(num_q_heads, num_q_heads + num_kv_heads),
@@ -695,12 +693,12 @@ def _write_kv(qkv, cache, slot_mapping, *, num_q_heads, head_dim, page_size, int
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(num_tokens, rows), num_kv_heads),
-        out_shape=tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in cache),
-        input_output_aliases={2 + i: i for i in range(len(cache))},
+        out_shape=tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in kv),
+        input_output_aliases={2 + i: i for i in range(len(kv))},
         compiler_params=_compiler_params(COMBINE_CONFIG),
         interpret=interpret,
         name="ragged_paged_attention_write_kv",
-    )(slot_mapping, qkv, *cache)
+    )(slot_mapping, qkv, *kv)
 
 
 # --------------------------------------------------------------------------------------
@@ -805,7 +803,6 @@ def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_st
     """Attention, or with slot_mapping the K/V write then attention (q is then qkv)."""
     num_tokens, num_heads, head_dim = q.shape
     (k_cache, k_scale), (v_cache, v_scale) = split_cache(k_cache), split_cache(v_cache)
-    scales = None if k_scale is None else (k_scale, v_scale)
     num_pages, page_size, num_kv_heads, _ = k_cache.shape
     write = slot_mapping is not None
     num_q_heads = num_heads - 2 * num_kv_heads if write else num_heads
@@ -817,7 +814,7 @@ def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_st
         raise ValueError(f"{num_q_heads=} is not a multiple of {num_kv_heads=}")
     group = num_q_heads // num_kv_heads
     op_dtype = k_cache.dtype if k_cache.dtype.itemsize > q.dtype.itemsize else q.dtype
-    dec_cfg, pre_cfg = default_configs(op_dtype, head_dim, k_cache.dtype, scales is not None)
+    dec_cfg, pre_cfg = default_configs(op_dtype, head_dim, k_cache.dtype, k_scale is not None)
     split_cfg = decode_config or default_split_config(op_dtype, head_dim)
     dec_cfg = decode_config or dec_cfg
     pre_cfg = prefill_config or pre_cfg
@@ -838,11 +835,13 @@ def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_st
     kv_lens = kv_lens.astype(jnp.int32)
     block_tables = block_tables.astype(jnp.int32)
     query_start_loc = query_start_loc.astype(jnp.int32)
-    k_flat = k_cache.reshape(num_pages * page_size, num_kv_heads, head_dim)
-    v_flat = v_cache.reshape(num_pages * page_size, num_kv_heads, head_dim)
+    flat = (num_pages * page_size, num_kv_heads, head_dim)
+    # The flat caches, then a ScaledCache's scales: what the launches read and write.
+    kv = (k_cache.reshape(flat), v_cache.reshape(flat))
+    if k_scale is not None:
+        kv += (k_scale, v_scale)
     common = dict(group=group, head_dim=head_dim, page_size=page_size, sm_scale=sm_scale,
-                  soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret,
-                  scales=scales)
+                  soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret)
     longest = num_tokens if max_q_len is None else min(num_tokens, max_q_len)
     has_prefill = longest > max_q_decode
 
@@ -850,12 +849,8 @@ def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_st
     # one small launch before any attention reads them.
     fused_write = None
     if write and has_prefill:
-        k_flat, v_flat, *new_scales = _write_kv(
-            q, (k_flat, v_flat, *(scales or ())), slot_mapping.astype(jnp.int32),
-            num_q_heads=num_q_heads, head_dim=head_dim, page_size=page_size,
-            interpret=interpret)
-        scales = tuple(new_scales) or None
-        common["scales"] = scales
+        kv = _write_kv(q, kv, slot_mapping.astype(jnp.int32), num_q_heads=num_q_heads,
+                       head_dim=head_dim, page_size=page_size, interpret=interpret)
     elif write:
         fused_write = slot_mapping.astype(jnp.int32)
 
@@ -863,37 +858,34 @@ def _ragged_paged_attention(q, k_cache, v_cache, kv_lens, block_tables, query_st
     seq_args = (query_start_loc, kv_lens)
     decode = dict(decode_max_q=max_q_decode, slot_mapping=fused_write, cfg=dec_cfg, **common)
     if num_kv_splits > 1 and fused_combine:
-        out, *cache = _launch(seq_args, q, k_flat, v_flat, block_tables, out_init,
+        out, *cache = _launch(seq_args, q, kv, block_tables, out_init,
                               num_splits=num_kv_splits, out_mode="fused",
                               name="ragged_paged_attention_decode_split", **decode)
     elif num_kv_splits > 1:
-        o_part, lse, *cache = _launch(seq_args, q, k_flat, v_flat, block_tables, None,
+        o_part, lse, *cache = _launch(seq_args, q, kv, block_tables, None,
                                       num_splits=num_kv_splits, out_mode="split",
                                       name="ragged_paged_attention_decode_split", **decode)
         out = _combine(query_start_loc, kv_lens, o_part, lse, q, out_init, group=group,
                        head_dim=head_dim, max_q=max_q_decode, block_n=dec_cfg.block_n,
                        sliding_window=sliding_window, interpret=interpret)
     else:
-        out, *cache = _launch(seq_args, q, k_flat, v_flat, block_tables, out_init,
+        out, *cache = _launch(seq_args, q, kv, block_tables, out_init,
                               num_splits=1, out_mode="out",
                               name="ragged_paged_attention_decode", **decode)
     if fused_write is not None:  # the launch's last outputs: the caches it wrote
-        k_flat, v_flat, *new_scales = cache[-(2 + len(scales or ())):]
-        scales = tuple(new_scales) or None
-        common["scales"] = scales
+        kv = tuple(cache[-len(kv):])
 
     # Prefill tiles: only if some sequence can have more new tokens than a decode tile.
     if has_prefill:
         max_big_seqs = min(num_seqs, num_tokens // (max_q_decode + 1))
         num_tiles = max(num_tokens // q_tile + max_big_seqs, 1)
         pre_meta = _prefill_tiles(query_start_loc, kv_lens, max_q_decode, q_tile, num_tiles)
-        out = _launch((pre_meta,), q, k_flat, v_flat, block_tables, out, cfg=pre_cfg,
+        out = _launch((pre_meta,), q, kv, block_tables, out, cfg=pre_cfg,
                       num_splits=1, out_mode="out", name="ragged_paged_attention_prefill",
                       **common)[0]
     if write:
-        shape = (num_pages, page_size, num_kv_heads, head_dim)
-        k_cache, v_cache = k_flat.reshape(shape), v_flat.reshape(shape)
-        if scales is not None:
-            k_cache, v_cache = ScaledCache(k_cache, scales[0]), ScaledCache(v_cache, scales[1])
+        k_cache, v_cache = (a.reshape(k_cache.shape) for a in kv[:2])
+        if k_scale is not None:
+            k_cache, v_cache = ScaledCache(k_cache, kv[2]), ScaledCache(v_cache, kv[3])
         return out, k_cache, v_cache
     return out
