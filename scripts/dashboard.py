@@ -96,6 +96,14 @@ def tuning_section(name, data) -> list[str]:
     return lines + [""]
 
 
+def kv_cache_text(data) -> str:
+    """The K/V cache a throughput run used, where its JSON records one (older ones do not)."""
+    if not data.get("kv_cache_dtype"):
+        return ""
+    scales = f", scales {data['kv_cache_scales']}" if data.get("kv_cache_scales") else ""
+    return f" K/V cache: {data['kv_cache_dtype']}{scales}."
+
+
 def measured_code(data) -> str:
     """Which commit a result measured, where its JSON records one (older ones do not)."""
     # a top-level "commit" where the run's machine had a stale checkout of the repository
@@ -140,10 +148,7 @@ def offline_section(name, data, out_dir: Path) -> list[str]:
     else:
         lines += [f"{data['requests']} requests on {data['device']}: "
                   f"{data['output_tok_per_s']:.0f} output tok/s, {data['total_tok_per_s']:.0f} total tok/s."
-                  + (f" K/V cache: {data['kv_cache_dtype']}" if data.get("kv_cache_dtype") else "")
-                  + (f", scales {data['kv_cache_scales']}" if data.get("kv_cache_scales") else "")
-                  + ("." if data.get("kv_cache_dtype") else "")
-                  + measured_code(data)]
+                  + kv_cache_text(data) + measured_code(data)]
     return lines + [""]
 
 
