@@ -154,6 +154,10 @@ FP8_COMPUTE_DTYPE = jnp.float16
 # at 1,400 tokens 288.5 / 289.0, 64 at 4k 198.7 / 201.6 (a float8 cache with a scale of
 # 1: 328 / 265.5 / 185.4).
 SCALE_V_ROWS_FROM = 64
+# Probe only: float8 matrix products over a float8 cache instead of the upcast. None (as
+# main), "qk" (q quantized per row to float8, q K^T in float8), "qk_pv" (and p @ V with
+# the softmax weights times 448 in float8).
+PROBE_FP8_MMA = None
 # Multiprocessor count used when the device does not report one (interpret mode on CPU).
 DEFAULT_NUM_SMS = 132
 
@@ -407,7 +411,12 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
     def _():
         q = masked_load(_row_ref(q_ref, tok0 + row_tok, row_head, dp), row_ok[:, None],
                         block_m)
-        if is_float8(k_ref.dtype) and jnp.dtype(q.dtype).itemsize == 2:
+        q_scale = None
+        if is_float8(k_ref.dtype) and PROBE_FP8_MMA is not None:
+            q32 = q.astype(jnp.float32)
+            q_scale = jnp.maximum(jnp.max(jnp.abs(q32), axis=1), 1e-30) / 448.0
+            q = (q32 / q_scale[:, None]).astype(k_ref.dtype)
+        elif is_float8(k_ref.dtype) and jnp.dtype(q.dtype).itemsize == 2:
             # Clamped first (in float32: float16's largest value rounds up in bfloat16): a
             # bf16 q entry past float16's range would become inf, and inf - inf a NaN.
             f16_max = float(jnp.finfo(FP8_COMPUTE_DTYPE).max)
@@ -457,6 +466,8 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
             k = load_rows(k_ref)
             s = lax.dot_general(q, k.astype(q.dtype), (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
+            if q_scale is not None:
+                s = s * q_scale[:, None]
             if ks_ref is not None:
                 s = s * load_scales(ks_ref)[None, :]
             if post is None:
@@ -476,7 +487,14 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
             alpha = jnp.exp2(m_i - m_use)
             p = jnp.exp2(s - m_use[:, None])
             l_i = l_i * alpha + jnp.sum(p, axis=1)
-            v = load_rows(v_ref).astype(q.dtype)  # a float8 cache is upcast, p stays 16-bit
+            if PROBE_FP8_MMA == "qk_pv" and is_float8(v_ref.dtype):
+                v8 = load_rows(v_ref)
+                pv = lax.dot_general((p * 448.0).astype(v8.dtype), v8,
+                                     (((1,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32) * (1.0 / 448.0)
+                acc = acc * alpha[:, None] + pv
+                return acc, m_new, l_i
+            v = load_rows(v_ref).astype(jnp.float16 if q_scale is not None else q.dtype)
             if vs_ref is None:
                 pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                      preferred_element_type=jnp.float32)
