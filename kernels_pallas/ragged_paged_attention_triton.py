@@ -110,12 +110,13 @@ SPLIT_DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, num_warps=4, num_stag
 # DECODE_CONFIG on the same cache and DECODE_CONFIG on a bf16 cache: 256 decodes at 1,400
 # tokens 264.8 / 298.5 / 332.9; 64 at 4k 184.5 / 272.3 / 243.4 (block_n 128 with 2 stages
 # 267.6 and 184.6; 256 with 2 stages 348.5 and 234.2). It reads 0.65-0.68 of the copy
-# bandwidth's worth of K/V: something other than memory (the upcast, or the layout change
-# before the matrix units) sets its pace. Reading V otherwise did not help (same machine,
-# 256 at 1,400 / 64 at 4k, us): V stored with its tokens contiguous 338 / 247 at best;
-# the products turned so that the context's tokens are the matrix units' M side 385 /
-# 272, only p @ V so 321 / 255. Contracting V over head_dim, as K is (wrong math, timing
-# only), took 214-218 / 180-185: V's contraction over tokens costs about 20% at 1,400.
+# bandwidth's worth of K/V: something other than memory sets its pace, and not the upcast
+# (float8 products, q quantized per row, took 270 / 187 us with ten times the error).
+# Reading V otherwise did not help (same machine, 256 at 1,400 / 64 at 4k, us): V stored
+# with its tokens contiguous 338 / 247 at best; the products turned so that the context's
+# tokens are the matrix units' M side 385 / 272, only p @ V so 321 / 255. Contracting V
+# over head_dim, as K is (wrong math, timing only), took 214-218 / 180-185: V's
+# contraction over tokens costs about 20% at 1,400.
 FP8_DECODE_CONFIG = KernelConfig(block_m=16, block_n=128, num_warps=4, num_stages=3)
 # Decode tiles over a ScaledCache. H200, us, this config against FP8_DECODE_CONFIG: 256
 # decodes at 1,400 tokens 286.2 / 289.0; 64 at 4k 198.4 / 201.6 (block_n 64 or 256: 400
@@ -154,10 +155,6 @@ FP8_COMPUTE_DTYPE = jnp.float16
 # at 1,400 tokens 288.5 / 289.0, 64 at 4k 198.7 / 201.6 (a float8 cache with a scale of
 # 1: 328 / 265.5 / 185.4).
 SCALE_V_ROWS_FROM = 64
-# Probe only: float8 matrix products over a float8 cache instead of the upcast. None (as
-# main), "qk" (q quantized per row to float8, q K^T in float8), "qk_pv" (and p @ V with
-# the softmax weights times 448 in float8).
-PROBE_FP8_MMA = None
 # Multiprocessor count used when the device does not report one (interpret mode on CPU).
 DEFAULT_NUM_SMS = 132
 
@@ -411,12 +408,7 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
     def _():
         q = masked_load(_row_ref(q_ref, tok0 + row_tok, row_head, dp), row_ok[:, None],
                         block_m)
-        q_scale = None
-        if is_float8(k_ref.dtype) and PROBE_FP8_MMA is not None:
-            q32 = q.astype(jnp.float32)
-            q_scale = jnp.maximum(jnp.max(jnp.abs(q32), axis=1), 1e-30) / 448.0
-            q = (q32 / q_scale[:, None]).astype(k_ref.dtype)
-        elif is_float8(k_ref.dtype) and jnp.dtype(q.dtype).itemsize == 2:
+        if is_float8(k_ref.dtype) and jnp.dtype(q.dtype).itemsize == 2:
             # Clamped first (in float32: float16's largest value rounds up in bfloat16): a
             # bf16 q entry past float16's range would become inf, and inf - inf a NaN.
             f16_max = float(jnp.finfo(FP8_COMPUTE_DTYPE).max)
@@ -466,8 +458,6 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
             k = load_rows(k_ref)
             s = lax.dot_general(q, k.astype(q.dtype), (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
-            if q_scale is not None:
-                s = s * q_scale[:, None]
             if ks_ref is not None:
                 s = s * load_scales(ks_ref)[None, :]
             if post is None:
@@ -487,14 +477,7 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
             alpha = jnp.exp2(m_i - m_use)
             p = jnp.exp2(s - m_use[:, None])
             l_i = l_i * alpha + jnp.sum(p, axis=1)
-            if PROBE_FP8_MMA == "qk_pv" and is_float8(v_ref.dtype):
-                v8 = load_rows(v_ref)
-                pv = lax.dot_general((p * 448.0).astype(v8.dtype), v8,
-                                     (((1,), (0,)), ((), ())),
-                                     preferred_element_type=jnp.float32) * (1.0 / 448.0)
-                acc = acc * alpha[:, None] + pv
-                return acc, m_new, l_i
-            v = load_rows(v_ref).astype(jnp.float16 if q_scale is not None else q.dtype)
+            v = load_rows(v_ref).astype(q.dtype)  # a float8 cache is upcast, p stays 16-bit
             if vs_ref is None:
                 pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                      preferred_element_type=jnp.float32)
