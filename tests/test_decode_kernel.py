@@ -290,17 +290,36 @@ llm = LLM(model=sys.argv[1], load_format="dummy", decode_kernel="on", max_model_
           max_num_seqs=4, max_num_batched_tokens=256, num_scheduler_steps=1,
           gpu_memory_utilization=0.05)
 out = llm.generate([list(range(3, 103))], SamplingParams(max_tokens=12, temperature=0,
-                                                         ignore_eos=True))
-print("RESULT " + json.dumps({"tokens": out[0].outputs[0].token_ids, "traced": len(traced),
+                                                         ignore_eos=True, logprobs=2))
+done = out[0].outputs[0]
+print("RESULT " + json.dumps({"tokens": done.token_ids, "traced": len(traced),
+                              "logprobs": [{str(t): lp for t, lp in d.items()}
+                                           for d in done.logprobs],
                               "kernel_steps": llm.engine.runner.decode_kernel_steps}))
 """
+
+
+def assert_alike_but_for_ties(first, second, tol=0.05):
+    """Two greedy runs of the decode kernel agree token for token, except where the first
+    run's two best tokens were within tol of each other: the kernel's bf16 partial sums are
+    added in an order that varies from run to run, so a near tie may go either way, after
+    which the runs continue from different tokens."""
+    ta, tb = [str(t) for t in first["tokens"]], [str(t) for t in second["tokens"]]
+    la, lb = first["logprobs"], second["logprobs"]
+    n = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), len(ta))
+    assert n >= 1, "the prefill's token differs: the same program in both runs"
+    for i in range(n):
+        assert abs(la[i][ta[i]] - lb[i][ta[i]]) < tol, (i, la[i], lb[i])
+    if n < len(ta):
+        assert tb[n] in la[n] and la[n][ta[n]] - la[n][tb[n]] < tol, (n, la[n], lb[n])
 
 
 @pytest.mark.gpu
 def test_a_second_engine_takes_the_kernel_program_from_disk(tmp_path):
     """The decode kernel's traced and lowered step is kept beside the compilation cache
     (atom_jax/exported.py): an engine started after another one, each in a fresh process,
-    does not trace it again, and gives the same tokens."""
+    does not trace it again, and gives the same tokens (but for near ties, which the
+    kernel's varying order of summation may break either way)."""
     import subprocess
     import sys
     (tmp_path / "config.json").write_text(json.dumps(KERNEL_SHAPE))
@@ -314,5 +333,6 @@ def test_a_second_engine_takes_the_kernel_program_from_disk(tmp_path):
         results.append(json.loads(lines[0][len("RESULT "):]))
     assert [r["traced"] for r in results] == [1, 0]   # the second process loaded it from disk
     assert [r["kernel_steps"] for r in results] == [11, 11]
-    assert results[0]["tokens"] == results[1]["tokens"] and len(results[0]["tokens"]) == 12
+    assert [len(r["tokens"]) for r in results] == [12, 12]
+    assert_alike_but_for_ties(*results)
     assert len(list((cache / "atom-jax-exports").glob("*.jaxexport"))) == 1
