@@ -1,0 +1,77 @@
+"""Decode tiles over a float8 cache not yet tried: fewer warps, deeper pipelines.
+
+Llama-3.1-8B's attention shape; 256 decodes at 1,400 tokens and 64 at 4,096; the kernels'
+own time (profiler) and the error against the reference over the same cache.
+
+  python scripts/probes/fp8_tiles/probe.py --out $OUT/fp8_tiles.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kernels_pallas import ragged_paged_attention_triton as rpa  # noqa: E402
+from scripts import bench_kernels as bk  # noqa: E402
+
+C = rpa.KernelConfig
+FP8_TILES = [None, C(16, 128, 2, 3), C(16, 128, 2, 4), C(16, 128, 4, 4), C(16, 128, 2, 2),
+             C(16, 64, 2, 4), C(16, 64, 2, 6), C(16, 256, 2, 2), C(16, 128, 1, 3)]
+
+
+def case(pool, k, v, q_lens, ctx_lens, copy, tiles):
+    (q, _, _, kvl, qsl), varying = bk.ragged_inputs(pool, q_lens, ctx_lens,
+                                                    bk.n_sets_for(bk.kv_bytes(ctx_lens)))
+    nbytes = sum(ctx_lens) * bk.HKV * bk.D * 2 * jnp.dtype(k.dtype).itemsize
+    ref = np.asarray(jax.jit(bk.reference_step)(q, k, v, kvl, qsl, *varying[0])
+                     .astype(jnp.float32))
+    rows = []
+    for cfg in tiles:
+        jax.clear_caches()
+        step = bk.kernel_step(max_q_len=1, decode_config=cfg)
+        row = dict(config=cfg and [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages],
+                   kv_dtype=jnp.dtype(k.dtype).name)
+        try:
+            out = np.asarray(jax.jit(step)(q, k, v, kvl, qsl, *varying[0]).astype(jnp.float32))
+            row["rel_err"] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+            t = bk.device_time(step, ((q, k, v, kvl, qsl), varying))["time_us"]
+            row.update(time_us=t, frac_copy=nbytes / t / 1e3 / copy)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    copy = bk.copy_bandwidth()["copy_GBps"]
+    pool = bk.Pool(2 * 256 * 1408 + 64 * bk.PAGE)
+    k8, v8 = pool.k.astype(jnp.float8_e4m3fn), pool.v.astype(jnp.float8_e4m3fn)
+    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "copy_GBps": copy, "cases": {}}
+    for name, q_lens, ctx_lens in (("decode-256x1400", [1] * 256, [1400] * 256),
+                                   ("decode-64x4096", [1] * 64, [4096] * 64)):
+        result["cases"][name] = case(pool, k8, v8, q_lens, ctx_lens, copy, FP8_TILES)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    print(f"\ncopy {copy:.0f} GB/s\ncase | tile | us | of copy | rel err")
+    for name, rows in result["cases"].items():
+        for r in rows:
+            tail = (r["error"][:80] if "error" in r else
+                    f"{r['time_us']:.1f} | {r['frac_copy']:.2f} | {r['rel_err']:.4f}")
+            print(f"{name} | {r['config'] or 'FP8_DECODE_CONFIG'} | {tail}")
+
+
+if __name__ == "__main__":
+    main()
