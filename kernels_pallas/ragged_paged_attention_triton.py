@@ -117,7 +117,7 @@ SPLIT_DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, num_warps=4, num_stag
 # tokens are the matrix units' M side 385 / 272, only p @ V so 321 / 255. Contracting V
 # over head_dim, as K is (wrong math, timing only), took 214-218 / 180-185: V's
 # contraction over tokens costs about 20% at 1,400.
-FP8_DECODE_CONFIG = KernelConfig(block_m=16, block_n=128, num_warps=4, num_stages=3)
+FP8_DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, num_warps=2, num_stages=6)
 # Decode tiles over a ScaledCache. H200, us, this config against FP8_DECODE_CONFIG: 256
 # decodes at 1,400 tokens 286.2 / 289.0; 64 at 4k 198.4 / 201.6 (block_n 64 or 256: 400
 # and more, and 269 and more).

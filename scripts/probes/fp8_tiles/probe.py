@@ -23,8 +23,8 @@ from kernels_pallas import ragged_paged_attention_triton as rpa  # noqa: E402
 from scripts import bench_kernels as bk  # noqa: E402
 
 C = rpa.KernelConfig
-FP8_TILES = [None, C(16, 128, 2, 3), C(16, 128, 2, 4), C(16, 128, 4, 4), C(16, 128, 2, 2),
-             C(16, 64, 2, 4), C(16, 64, 2, 6), C(16, 256, 2, 2), C(16, 128, 1, 3)]
+FP8_TILES = [None, C(16, 128, 4, 3), C(16, 64, 2, 8), C(16, 32, 2, 8), C(16, 64, 1, 6),
+             C(16, 64, 4, 6), C(16, 32, 1, 8)]
 
 
 def case(pool, k, v, q_lens, ctx_lens, copy, tiles):
