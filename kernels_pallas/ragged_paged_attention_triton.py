@@ -106,21 +106,26 @@ PREFILL_CONFIG = KernelConfig(block_m=256, block_n=64, num_warps=8, num_stages=2
 # stages 39.3; block_n 128, 3 stages: 39.8 with 32 splits, 45.2 with 16; block_n 32, 64
 # splits: 40.6-42.1.
 SPLIT_DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, num_warps=4, num_stages=6)
-# Decode tiles over a float8 cache. H200, float16 upcast, us, this config against
-# DECODE_CONFIG on the same cache and DECODE_CONFIG on a bf16 cache: 256 decodes at 1,400
-# tokens 264.8 / 298.5 / 332.9; 64 at 4k 184.5 / 272.3 / 243.4 (block_n 128 with 2 stages
-# 267.6 and 184.6; 256 with 2 stages 348.5 and 234.2). It reads 0.65-0.68 of the copy
-# bandwidth's worth of K/V: something other than memory sets its pace, and not the upcast
-# (float8 products, q quantized per row, took 270 / 187 us with ten times the error).
-# Reading V otherwise did not help (same machine, 256 at 1,400 / 64 at 4k, us): V stored
-# with its tokens contiguous 338 / 247 at best; the products turned so that the context's
-# tokens are the matrix units' M side 385 / 272, only p @ V so 321 / 255. Contracting V
-# over head_dim, as K is (wrong math, timing only), took 214-218 / 180-185: V's
-# contraction over tokens costs about 20% at 1,400.
+# Decode tiles over a float8 cache. H200, float16 upcast, kernels' own time, us, 256
+# decodes at 1,400 tokens / 64 at 4k: this config 231.2 / 162.3 (twice, 0.74-0.77 of the
+# copy bandwidth); block_n 64, 2 warps, 8 stages 235.9 / 159.7; block_n 128, 4 warps, 3
+# stages (the config before) 265.8-266.5 / 186.3-187.6; 4 warps and 6 stages 252.2 /
+# 196.9; 1 warp 264.1 / 178.4; block_n 32 246-249 / 170-177; block_n 128 with 2 warps
+# 320-350 / 228-245. With 4 warps, bf16's tile took 298.5 / 272.3 and a bf16 cache 332.9 /
+# 243.4. Why fewer warps and a deeper pipeline help was not measured (likely more of the
+# 8-bit tiles' copies in flight per multiprocessor). Not the upcast: float8 products, q
+# quantized per row, took 270 / 187 us against the config before, with ten times the
+# error. Reading V otherwise did not help (same machine, 256 at 1,400 / 64 at 4k, us, 4
+# warps): V stored with its tokens contiguous 338 / 247 at best; the products turned so
+# that the context's tokens are the matrix units' M side 385 / 272, only p @ V so 321 /
+# 255. Contracting V over head_dim, as K is (wrong math, timing only), took 214-218 /
+# 180-185: V's contraction over tokens cost about 20% at 1,400.
 FP8_DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, num_warps=2, num_stages=6)
-# Decode tiles over a ScaledCache. H200, us, this config against FP8_DECODE_CONFIG: 256
-# decodes at 1,400 tokens 286.2 / 289.0; 64 at 4k 198.4 / 201.6 (block_n 64 or 256: 400
-# and more, and 269 and more).
+# Decode tiles over a ScaledCache. H200, us, this config against the float8 config before
+# (block_n 128, 4 warps, 3 stages): 256 decodes at 1,400 tokens 286.2 / 289.0; 64 at 4k
+# 198.4 / 201.6 (block_n 64 or 256 with 4 warps: 400 and more, and 269 and more). Tiles
+# of 2 warps and deeper pipelines, faster over a cache with a scale of 1, are not tried
+# here yet.
 SCALED_FP8_DECODE_CONFIG = KernelConfig(block_m=16, block_n=128, num_warps=4, num_stages=2)
 # Float32 operands (or head_dim > 128) need half the shared memory per stage.
 DECODE_CONFIG_WIDE = KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)
