@@ -111,15 +111,16 @@ SPLIT_DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, num_warps=4, num_stag
 # copy bandwidth); block_n 64, 2 warps, 8 stages 235.9 / 159.7; block_n 128, 4 warps, 3
 # stages (the config before) 265.8-266.5 / 186.3-187.6; 4 warps and 6 stages 252.2 /
 # 196.9; 1 warp 264.1 / 178.4; block_n 32 246-249 / 170-177; block_n 128 with 2 warps
-# 320-350 / 228-245. With 4 warps, bf16's tile took 298.5 / 272.3 and a bf16 cache 332.9 /
-# 243.4. Why fewer warps and a deeper pipeline help was not measured (likely more of the
-# 8-bit tiles' copies in flight per multiprocessor). Not the upcast: float8 products, q
-# quantized per row, took 270 / 187 us against the config before, with ten times the
-# error. Reading V otherwise did not help (same machine, 256 at 1,400 / 64 at 4k, us, 4
-# warps): V stored with its tokens contiguous 338 / 247 at best; the products turned so
-# that the context's tokens are the matrix units' M side 385 / 272, only p @ V so 321 /
-# 255. Contracting V over head_dim, as K is (wrong math, timing only), took 214-218 /
-# 180-185: V's contraction over tokens cost about 20% at 1,400.
+# 320-350 / 228-245. Earlier: bf16's tile (DECODE_CONFIG) over a float8 cache 298.5 /
+# 272.3, over a bf16 cache 332.9 / 243.4. Why fewer warps and a deeper pipeline help was
+# not measured (likely more of the 8-bit tiles' copies in flight per multiprocessor). Not
+# the upcast: float8 products (q quantized per row) in the config before took 270 / 187
+# us, as the upcast did, with ten times the error. Reading V otherwise did not help
+# (same machine, 256 at 1,400 / 64 at 4k, us, 4 warps): V stored with its tokens
+# contiguous 338 / 247 at best; the products turned so that the context's tokens are the
+# matrix units' M side 385 / 272, only p @ V so 321 / 255. Contracting V over head_dim,
+# as K is (wrong math, timing only), took 214-218 / 180-185: V's contraction over tokens
+# cost about 20% at 1,400.
 FP8_DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, num_warps=2, num_stages=6)
 # Decode tiles over a ScaledCache. H200, us, this config against the float8 config before
 # (block_n 128, 4 warps, 3 stages): 256 decodes at 1,400 tokens 286.2 / 289.0; 64 at 4k
