@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from atom_jax.exported import exported_jit
 from atom_jax.sampler import SAMPLING_MODES, sample, sampling_mode
 from atom_jax.scheduler import ScheduledBatch
-from kernels_pallas.ragged_paged_attention import ScaledCache
+from kernels_pallas.ragged_paged_attention import SCALE_DTYPE, ScaledCache
 
 _BANNED_SLOTS = 16  # per-row token ids masked while a request is below min_tokens
 # Multi-step decode is kept (when chosen automatically) if queueing a step takes the host
@@ -62,16 +62,17 @@ def allocate_kv_cache(num_layers: int, shape: tuple, dtype, stacked: bool = Fals
 
 def kv_cache_bytes_per_layer(shape: tuple, dtype, scaled: bool = False) -> int:
     """Bytes of one layer's K and V caches of `shape`, with scaled a ScaledCache's scales
-    included (one float32 per token and KV head)."""
+    included (one SCALE_DTYPE per token and KV head)."""
     num_pages, page_size, num_kv_heads, head_dim = shape
-    row = head_dim * jnp.dtype(dtype).itemsize + (4 if scaled else 0)
+    scale_bytes = jnp.dtype(SCALE_DTYPE).itemsize if scaled else 0
+    row = head_dim * jnp.dtype(dtype).itemsize + scale_bytes
     return 2 * num_pages * page_size * num_kv_heads * row
 
 
 def _scaled_cache(shape, dtype) -> ScaledCache:
     num_pages, page_size, num_kv_heads, _ = shape
     return ScaledCache(jnp.zeros(shape, dtype),
-                       jnp.zeros((num_pages, num_kv_heads, page_size), jnp.float32))
+                       jnp.zeros((num_pages, num_kv_heads, page_size), SCALE_DTYPE))
 
 
 class CompileWhileServingError(RuntimeError):

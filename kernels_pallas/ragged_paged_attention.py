@@ -25,6 +25,7 @@ _REFERENCE_KV_CHUNK = 128
 # float8_e4m3fn's largest finite value; it has no infinity, so a plain cast of anything
 # larger gives NaN.
 FP8_MAX = 448.0
+SCALE_DTYPE = jnp.float32  # a ScaledCache's scales
 
 
 def is_float8(dtype) -> bool:
@@ -83,8 +84,10 @@ def _write_rows(cache, x, slot_mapping):
         page, off = slot_mapping // page_size, slot_mapping % page_size
         heads = jnp.arange(hkv, dtype=slot_mapping.dtype)
         scale = scale.at[page[:, None], heads[None, :], off[:, None]].set(s, mode="drop")
+    else:
+        x = to_cache_dtype(x, data.dtype)
     flat = data.reshape(num_pages * page_size, hkv, d)
-    data = flat.at[slot_mapping].set(to_cache_dtype(x, data.dtype), mode="drop").reshape(data.shape)
+    data = flat.at[slot_mapping].set(x, mode="drop").reshape(data.shape)
     return data if scale is None else ScaledCache(data, scale)
 
 
