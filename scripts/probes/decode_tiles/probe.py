@@ -1,0 +1,96 @@
+"""Decode tiles not yet tried for a bf16 cache (DECODE_CONFIG) and a float8 cache with a
+scale per token and KV head (SCALED_FP8_DECODE_CONFIG): fewer warps, deeper pipelines, as
+found faster over a float8 cache with a scale of 1 (FP8_DECODE_CONFIG, timed alongside).
+
+Llama-3.1-8B's attention shape; 256 decodes at 1,400 tokens and 64 at 4,096; the kernels'
+own time (profiler) and the error against the XLA reference over the same cache.
+
+  python scripts/probes/decode_tiles/probe.py --out $OUT/decode_tiles.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kernels_pallas import ragged_paged_attention_triton as rpa  # noqa: E402
+from kernels_pallas.ragged_paged_attention import ScaledCache, quantize_rows  # noqa: E402
+from scripts import bench_kernels as bk  # noqa: E402
+
+C = rpa.KernelConfig
+FP8 = jnp.float8_e4m3fn
+TILES = {
+    "bf16": [None, C(16, 64, 2, 4), C(16, 64, 2, 6), C(16, 64, 4, 4), C(16, 32, 2, 4)],
+    "fp8 scale 1": [None],
+    "fp8 per token and head": [None, C(16, 64, 2, 6), C(16, 64, 2, 4), C(16, 128, 2, 4),
+                               C(16, 64, 2, 8), C(16, 32, 2, 6), C(16, 64, 4, 4)],
+}
+
+
+def scaled(c):
+    data, scale = quantize_rows(c)
+    return ScaledCache(data, jnp.asarray(scale.transpose(0, 2, 1)))
+
+
+def case(pool, caches, q_lens, ctx_lens, copy):
+    (q, _, _, kvl, qsl), varying = bk.ragged_inputs(pool, q_lens, ctx_lens,
+                                                    bk.n_sets_for(bk.kv_bytes(ctx_lens)))
+    rows = []
+    for name, (k, v) in caches.items():
+        per_row = 128 * jnp.dtype(jax.tree.leaves(k)[0].dtype).itemsize + (
+            4 if isinstance(k, ScaledCache) else 0)
+        nbytes = sum(ctx_lens) * bk.HKV * 2 * per_row
+        ref = np.asarray(jax.jit(bk.reference_step)(q, k, v, kvl, qsl, *varying[0])
+                         .astype(jnp.float32))
+        for cfg in TILES[name]:
+            jax.clear_caches()
+            step = bk.kernel_step(max_q_len=1, decode_config=cfg)
+            row = dict(cache=name, config=cfg and [cfg.block_m, cfg.block_n, cfg.num_warps,
+                                                   cfg.num_stages])
+            try:
+                out = np.asarray(jax.jit(step)(q, k, v, kvl, qsl, *varying[0])
+                                 .astype(jnp.float32))
+                row["rel_err"] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+                t = bk.device_time(step, ((q, k, v, kvl, qsl), varying))["time_us"]
+                row.update(time_us=t, frac_copy=nbytes / t / 1e3 / copy)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    copy = bk.copy_bandwidth()["copy_GBps"]
+    pool = bk.Pool(2 * 256 * 1408 + 64 * bk.PAGE)
+    caches = {"bf16": (pool.k, pool.v),
+              "fp8 scale 1": (pool.k.astype(FP8), pool.v.astype(FP8)),
+              "fp8 per token and head": (scaled(pool.k), scaled(pool.v))}
+    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "copy_GBps": copy, "cases": {}}
+    for name, q_lens, ctx_lens in (("decode-256x1400", [1] * 256, [1400] * 256),
+                                   ("decode-64x4096", [1] * 64, [4096] * 64)):
+        result["cases"][name] = case(pool, caches, q_lens, ctx_lens, copy)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    print(f"\ncopy {copy:.0f} GB/s\ncase | cache | tile | us | of copy | rel err")
+    for name, rows in result["cases"].items():
+        for r in rows:
+            tail = (r["error"][:80] if "error" in r else
+                    f"{r['time_us']:.1f} | {r['frac_copy']:.2f} | {r['rel_err']:.4f}")
+            print(f"{name} | {r['cache']} | {r['config'] or 'default'} | {tail}")
+
+
+if __name__ == "__main__":
+    main()
