@@ -122,12 +122,12 @@ SPLIT_DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, num_warps=4, num_stag
 # as K is (wrong math, timing only), took 214-218 / 180-185: V's contraction over tokens
 # cost about 20% at 1,400.
 FP8_DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, num_warps=2, num_stages=6)
-# Decode tiles over a ScaledCache. H200, us, this config against the float8 config before
-# (block_n 128, 4 warps, 3 stages): 256 decodes at 1,400 tokens 286.2 / 289.0; 64 at 4k
-# 198.4 / 201.6 (block_n 64 or 256 with 4 warps: 400 and more, and 269 and more). Tiles
-# of 2 warps and deeper pipelines, faster over a cache with a scale of 1, are not tried
-# here yet.
-SCALED_FP8_DECODE_CONFIG = KernelConfig(block_m=16, block_n=128, num_warps=4, num_stages=2)
+# Decode tiles over a ScaledCache. H200, us, 256 decodes at 1,400 tokens / 64 at 4k, one
+# machine run: this config 258.8 / 179.8 (0.68-0.72 of the copy bandwidth); block_n 128,
+# 4 warps, 2 stages (the config before) 287.2 / 198.5; block_n 64, 2 warps, 4 stages
+# 266.7 / 190.8, 8 stages 321.8 / 256.3; block_n 32, 2 warps, 6 stages 301.4 / 213.9;
+# block_n 128 with 2 warps 376.9 / 263.4; block_n 64 with 4 warps 346.0 / 307.3.
+SCALED_FP8_DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, num_warps=2, num_stages=6)
 # Float32 operands (or head_dim > 128) need half the shared memory per stage.
 DECODE_CONFIG_WIDE = KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)
 PREFILL_CONFIG_WIDE = KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
