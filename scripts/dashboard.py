@@ -16,6 +16,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# bench_offline.py's --max-num-seqs default: runs with another count get rows of their own
+DEFAULT_MAX_NUM_SEQS = 256
+
 
 def load(directory: Path) -> dict[str, list[tuple[str, dict]]]:
     kinds: dict[str, list[tuple[str, dict]]] = {
@@ -243,6 +246,18 @@ def uses_decode_kernel(data) -> bool:
     return bool((data.get("decode_kernel") or {}).get("steps"))
 
 
+def throughput_row(data) -> str:
+    """A throughput run's headline row: its model shape, and what it ran with other than
+    a bf16 K/V cache and the benchmark's default sequence count."""
+    notes = []
+    if data.get("kv_cache_dtype", "bfloat16").startswith("float8"):
+        notes.append("float8 K/V cache" + (", scales per token" if data.get("kv_cache_scales")
+                                           else ""))
+    if data.get("max_num_seqs", DEFAULT_MAX_NUM_SEQS) != DEFAULT_MAX_NUM_SEQS:
+        notes.append(f"{data['max_num_seqs']} sequences")
+    return Path(data["model"]).stem + (f" ({', '.join(notes)})" if notes else "")
+
+
 def headline_section(kinds) -> list[str]:
     """One row per model shape (and one more where a latency run used the decode kernel,
     or a throughput run a float8 K/V cache): the figures the GPU goals are about."""
@@ -260,11 +275,7 @@ def headline_section(kinds) -> list[str]:
     for _, d in kinds["offline"]:
         if d.get("benchmark") in ("offline-1k1k", "offline-nanovllm") and d.get("model"):
             key = "tput_1k1k" if d["benchmark"] == "offline-1k1k" else "tput_nano"
-            row = Path(d["model"]).stem
-            if d.get("kv_cache_dtype", "bfloat16").startswith("float8"):
-                row += (" (float8 K/V cache, scales per token)" if d.get("kv_cache_scales")
-                        else " (float8 K/V cache)")
-            rows.setdefault(row, {})[key] = d["output_tok_per_s"]
+            rows.setdefault(throughput_row(d), {})[key] = d["output_tok_per_s"]
     for _, d in kinds["startup"]:
         s = d["startup"]
         rows.setdefault(Path(d["model"]).stem, {}).update(cold=s.get("cold_s"), warm=s.get("warm_s"))

@@ -55,19 +55,22 @@ def test_a_run_with_the_decode_kernel_gets_a_headline_row_of_its_own(tmp_path):
     assert f"Code: {kernel['commit'][:10]}." in readme   # the run's own commit field
 
 
-def test_a_throughput_run_with_a_float8_cache_gets_a_headline_row_of_its_own(tmp_path):
+def test_a_throughput_run_with_a_float8_cache_or_more_sequences_gets_a_headline_row_of_its_own(tmp_path):
     import json
     usual = json.loads((BENCHMARKS / "offline-1k1k-llama-3.1-8b.json").read_text())
     fp8 = dict(usual, output_tok_per_s=usual["output_tok_per_s"] * 1.25,
                kv_cache_dtype="float8_e4m3fn")
     per_token = dict(fp8, output_tok_per_s=usual["output_tok_per_s"] * 1.125,
                      kv_cache_scales="per token and KV head")
-    for name, data in (("usual", usual), ("fp8", fp8), ("per_token", per_token)):
+    more_seqs = dict(fp8, output_tok_per_s=usual["output_tok_per_s"] * 1.375, max_num_seqs=512)
+    for name, data in (("usual", usual), ("fp8", fp8), ("per_token", per_token),
+                       ("more_seqs", more_seqs)):
         (tmp_path / f"{name}.json").write_text(json.dumps(data))
     main(["--dir", str(tmp_path)])
     lines = (tmp_path / "README.md").read_text().splitlines()
     for data, label in ((usual, ""), (fp8, " (float8 K/V cache)"),
-                        (per_token, " (float8 K/V cache, scales per token)")):
+                        (per_token, " (float8 K/V cache, scales per token)"),
+                        (more_seqs, " (float8 K/V cache, 512 sequences)")):
         row = [ln for ln in lines if ln.startswith(f"| llama-3.1-8b{label} |")]
         assert len(row) == 1 and f"| {data['output_tok_per_s']:.0f} |" in row[0], label
     assert any("K/V cache: float8_e4m3fn." in ln for ln in lines)
