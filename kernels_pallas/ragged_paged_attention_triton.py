@@ -115,8 +115,10 @@ SPLIT_DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, num_warps=4, num_stag
 # 272.3, over a bf16 cache 332.9 / 243.4. Why fewer warps and a deeper pipeline help was
 # not measured (likely more of the 8-bit tiles' copies in flight per multiprocessor). Not
 # the upcast: float8 products (q quantized per row) in the config before took 270 / 187
-# us, as the upcast did, with ten times the error. Reading V otherwise did not help
-# (same machine, 256 at 1,400 / 64 at 4k, us, 4 warps): V stored with its tokens
+# us, as the upcast did, with ten times the error. Nor the matrix units: each query head
+# on the CUDA cores (multiply-and-sum in float32) took 828.5 / 609.3 at best. Reading V
+# otherwise did not help (same machine, 256 at 1,400 / 64 at 4k, us, 4 warps): V stored
+# with its tokens
 # contiguous 338 / 247 at best; the products turned so that the context's tokens are the
 # matrix units' M side 385 / 272, only p @ V so 321 / 255. Contracting V over head_dim,
 # as K is (wrong math, timing only), took 214-218 / 180-185: V's contraction over tokens
@@ -161,9 +163,6 @@ FP8_COMPUTE_DTYPE = jnp.float16
 # at 1,400 tokens 288.5 / 289.0, 64 at 4k 198.7 / 201.6 (a float8 cache with a scale of
 # 1: 328 / 265.5 / 185.4).
 SCALE_V_ROWS_FROM = 64
-# Probe only: decode tiles of one token over a float8 cache computed on the CUDA cores
-# (q . K and p . V as multiply-and-sum per query head) instead of the matrix units.
-PROBE_FMA = False
 # Multiprocessor count used when the device does not report one (interpret mode on CPU).
 DEFAULT_NUM_SMS = 132
 
@@ -344,60 +343,6 @@ def _write_new_rows(q_ref, slot_ref, k_ref, v_ref, new_kv_heads, kv_head, tok0, 
         plgpu.store(_row_ref(ref, slot, kv_head, dp), to_cache_dtype(rows, ref.dtype), mask=mask)
 
 
-def _fma_decode(q_ref, k_ref, v_ref, bt_ref, o_ref, seq, tok0, pos0, kv_head, b_lo, s_lo,
-                s_hi, *, group, page_size, block_n, dp, pre):
-    """Probe only: one token's attention for the `group` query heads of a KV head, each
-    head's q . K and p . V as multiply-and-sum in float32 (no matrix units)."""
-    heads = [kv_head * group + h for h in range(group)]
-    qs = [plgpu.load(q_ref.at[tok0, hd, :]).astype(jnp.float32) * pre for hd in heads]
-    kv_end = pos0 + 1
-    kv_cols = jnp.arange(block_n, dtype=jnp.int32)
-
-    def step(b, carry, masked: bool):
-        accs, ms, ls = carry
-        kpos = b * block_n + kv_cols
-        if masked:
-            kv_ok = kpos < kv_end
-            page = plgpu.load(bt_ref.at[seq, kpos // page_size], mask=kv_ok, other=0)
-        else:
-            page = bt_ref[seq, kpos // page_size]
-        slot = page * page_size + kpos % page_size
-
-        def load_rows(ref):
-            view = _row_ref(ref, slot, kv_head, dp)
-            if masked:
-                return plgpu.load(view, mask=jnp.broadcast_to(kv_ok[:, None], (block_n, dp)),
-                                  other=0.0)
-            return view[...]
-
-        k = load_rows(k_ref).astype(jnp.float32)
-        v = load_rows(v_ref).astype(jnp.float32)
-        out = ([], [], [])
-        for qh, acc, m_i, l_i in zip(qs, accs, ms, ls):
-            s = jnp.sum(k * qh[None, :], axis=1)
-            if masked:
-                s = jnp.where(kv_ok, s, -jnp.inf)
-            m_new = jnp.maximum(m_i, jnp.max(s))
-            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-            alpha = jnp.exp2(m_i - m_use)
-            p = jnp.exp2(s - m_use)
-            out[0].append(acc * alpha + jnp.sum(p[:, None] * v, axis=0))
-            out[1].append(m_new)
-            out[2].append(l_i * alpha + jnp.sum(p))
-        return tuple(out[0]), tuple(out[1]), tuple(out[2])
-
-    carry = (tuple(jnp.zeros((dp,), jnp.float32) for _ in heads),
-             tuple(jnp.full((), -jnp.inf, jnp.float32) for _ in heads),
-             tuple(jnp.zeros((), jnp.float32) for _ in heads))
-    full_hi = (pos0 + 1) // block_n
-    carry = lax.fori_loop(jnp.maximum(s_lo, b_lo), jnp.minimum(s_hi, full_hi),
-                          functools.partial(step, masked=False), carry)
-    carry = lax.fori_loop(jnp.maximum(s_lo, full_hi), s_hi,
-                          functools.partial(step, masked=True), carry)
-    for hd, acc, l_i in zip(heads, carry[0], carry[2]):
-        plgpu.store(o_ref.at[tok0, hd, :], (acc / l_i).astype(o_ref.dtype))
-
-
 def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: KernelConfig,
                       sm_scale: float, soft_cap: float | None, sliding_window: int | None,
                       num_splits: int, out_mode: str, num_aliased: int,
@@ -482,13 +427,6 @@ def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: Ker
                             ks_ref, vs_ref, page_size)
             if not interpret:  # every thread's stores land before any thread reads them
                 plgpu.debug_barrier()
-        if (PROBE_FMA and decode_max_q == 1 and block_m == group and out_mode == "out"
-                and not scaled and soft_cap is None and sliding_window is None
-                and dp == head_dim):
-            _fma_decode(q_ref, k_ref, v_ref, bt_ref, refs[0], seq, tok0, pos0, kv_head,
-                        b_lo, s_lo, s_hi, group=group, page_size=page_size, block_n=block_n,
-                        dp=dp, pre=sm_scale * _LOG2E)
-            return
         # Steps [full_lo, full_hi) are visible to every row of the tile: no masking.
         full_hi = (pos0 + 1) // block_n
         if sliding_window is not None:
