@@ -69,7 +69,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels_pallas.ragged_paged_attention import (ScaledCache, is_float8, row_scales,
+from kernels_pallas.ragged_paged_attention import (ScaledCache, is_float8, quantize_rows,
                                                    split_cache, to_cache_dtype)
 
 # --------------------------------------------------------------------------------------
@@ -336,11 +336,12 @@ def _write_new_rows(q_ref, slot_ref, k_ref, v_ref, new_kv_heads, kv_head, tok0, 
     for head0, ref, scale_ref in zip(new_kv_heads, (k_ref, v_ref), (ks_ref, vs_ref)):
         rows = plgpu.load(_row_ref(q_ref, tok0 + w, head0 + kv_head, dp), mask=mask, other=0.0)
         if scale_ref is not None:
-            scale = row_scales(rows)
-            rows = rows.astype(jnp.float32) / scale[:, None]
+            rows, scale = quantize_rows(rows, ref.dtype)
             plgpu.store(scale_ref.at[slot // page_size, kv_head, slot % page_size], scale,
                         mask=ok)
-        plgpu.store(_row_ref(ref, slot, kv_head, dp), to_cache_dtype(rows, ref.dtype), mask=mask)
+        else:
+            rows = to_cache_dtype(rows, ref.dtype)
+        plgpu.store(_row_ref(ref, slot, kv_head, dp), rows, mask=mask)
 
 
 def _attention_kernel(*refs, group: int, head_dim: int, page_size: int, cfg: KernelConfig,
