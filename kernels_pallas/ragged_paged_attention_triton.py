@@ -118,11 +118,10 @@ SPLIT_DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, num_warps=4, num_stag
 # us, as the upcast did, with ten times the error. Nor the matrix units: each query head
 # on the CUDA cores (multiply-and-sum in float32) took 828.5 / 609.3 at best. Reading V
 # otherwise did not help (same machine, 256 at 1,400 / 64 at 4k, us, 4 warps): V stored
-# with its tokens
-# contiguous 338 / 247 at best; the products turned so that the context's tokens are the
-# matrix units' M side 385 / 272, only p @ V so 321 / 255. Contracting V over head_dim,
-# as K is (wrong math, timing only), took 214-218 / 180-185: V's contraction over tokens
-# cost about 20% at 1,400.
+# with its tokens contiguous 338 / 247 at best; the products turned so that the context's
+# tokens are the matrix units' M side 385 / 272, only p @ V so 321 / 255. Contracting V
+# over head_dim, as K is (wrong math, timing only), took 214-218 / 180-185: V's
+# contraction over tokens cost about 20% at 1,400.
 FP8_DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, num_warps=2, num_stages=6)
 # Decode tiles over a ScaledCache. H200, us, 256 decodes at 1,400 tokens / 64 at 4k, one
 # machine run: this config 258.8 / 179.8 (0.68-0.72 of the copy bandwidth); block_n 128,

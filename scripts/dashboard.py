@@ -260,7 +260,8 @@ def throughput_row(data) -> str:
 
 def headline_section(kinds) -> list[str]:
     """One row per model shape (and one more where a latency run used the decode kernel,
-    or a throughput run a float8 K/V cache): the figures the GPU goals are about."""
+    or a throughput run a float8 K/V cache or another sequence count): the figures the GPU
+    goals are about."""
     rows: dict[str, dict] = {}
     for _, d in kinds["latency"]:
         row = Path(d["model"]).stem

@@ -55,7 +55,7 @@ def test_a_run_with_the_decode_kernel_gets_a_headline_row_of_its_own(tmp_path):
     assert f"Code: {kernel['commit'][:10]}." in readme   # the run's own commit field
 
 
-def test_a_throughput_run_with_a_float8_cache_or_more_sequences_gets_a_headline_row_of_its_own(tmp_path):
+def test_a_throughput_run_with_a_float8_cache_or_more_sequences_gets_its_own_row(tmp_path):
     import json
     usual = json.loads((BENCHMARKS / "offline-1k1k-llama-3.1-8b.json").read_text())
     fp8 = dict(usual, output_tok_per_s=usual["output_tok_per_s"] * 1.25,
