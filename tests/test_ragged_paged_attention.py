@@ -539,7 +539,7 @@ def test_write_kv_and_attend_into_a_float8_cache(case, interpret):
     included, and attention over them matches."""
     b, _, _, (want, want_k, want_v), (out, k_cache, v_cache) = write_both_ways(
         case, 113, with_fp8_cache, interpret)
-    dtype = jnp.bfloat16
+    dtype = jnp.bfloat16  # write_both_ways' batches
     assert k_cache.dtype == FP8 and np.isfinite(np.asarray(want_k, np.float32)).all()
     used = np.isfinite(np.asarray(b.k_poison, np.float32)) | np.isfinite(
         np.asarray(k_cache, np.float32))
@@ -610,8 +610,9 @@ def test_write_kv_and_attend_into_a_scaled_float8_cache(case, interpret):
     (not saturated at 448), and attention over them matches."""
     b, kv_new, slots, (want, want_k, want_v), (out, k_cache, v_cache) = write_both_ways(
         case, 114, with_scaled_cache, interpret)
-    hkv, d, dtype = 2, 128, jnp.bfloat16
+    dtype = jnp.bfloat16  # write_both_ways' batches
     assert isinstance(k_cache, ScaledCache) and k_cache.data.dtype == FP8
+    *_, hkv, d = k_cache.data.shape
     for got, ref in ((k_cache, want_k), (v_cache, want_v)):
         used = np.isfinite(np.asarray(ref.data, np.float32)) & np.isfinite(
             np.asarray(got.data, np.float32))
