@@ -8,11 +8,12 @@ K/V reads run under prefill's GEMMs (NanoFlow's overlap)?
 3. Both in one jitted program, the stream on one XLA stream and the GEMM on another
    (compute_on("gpu_stream:N")), B + S <= 132: span against each alone and against the same
    work done one after the other at full width.
+4. Both in one launch (fused.py): blocks [0, B) stream, the other 132 - B compute the GEMM.
 
 Times come from the profiler's device timeline (span of a call: first kernel start to last
 kernel end).
 
-    python scripts/probes/overlap/probe.py
+    python scripts/probes/overlap/probe.py [stream] [gemm] [paired] [fused]
 """
 import functools
 import json
@@ -28,6 +29,7 @@ from jax import lax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from bench_common import copy_bandwidth_gbs, gpu_kernel_events  # noqa: E402
+from fused import fused_matmul_stream  # noqa: E402
 
 M, K, N = 8192, 4096, 14336            # one prefill step's gate/up-sized GEMM
 STREAM_SHAPE = (4096, 4096, 64)        # 2 GiB as 4,096 column units of [K, 64]
@@ -121,21 +123,8 @@ def spans(fn, args, iters=5):
     return dict(span_us=span, busy_us=busy, calls=len(groups), kernels=kernels[:12])
 
 
-def main():
-    out_dir = os.environ.get("OUT", "/tmp")
-    key = jax.random.key(0)
-    result = dict(device=str(jax.devices()[0]), jax=jax.__version__,
-                  xla_flags=os.environ.get("XLA_FLAGS", ""), rows=[])
-    rows = result["rows"]
-
-    def record(row):
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-
-    copy = copy_bandwidth_gbs()
-    result["copy_gbs"] = copy
-    print(f"copy {copy:.0f} GB/s", flush=True)
-
+def separate_launches(record, copy, key):
+    """Parts 1-3."""
     # 1. the stream from B blocks
     nstreams = 6
     ws = [jax.random.normal(jax.random.fold_in(key, i), STREAM_SHAPE, jnp.bfloat16)
@@ -243,6 +232,78 @@ def main():
                 row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
             record(row)
 
+
+def one_launch(record, copy, key):
+    """Part 4: the GEMM and the stream in one launch of fused.py, blocks divided."""
+    from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
+    D = hm.MatmulDimension
+    cfg = hm.TuningConfig(128, 128, 64, 4, 64, 64, D.M, 16, D.N)  # best of part 2
+    flops = 2 * M * K * N
+    chunks, passes = 680, 3  # 2.14 GB of stand-in K/V, read 3 times
+    a = jax.random.normal(jax.random.fold_in(key, 200), (M, K), jnp.bfloat16)
+    b = (jax.random.normal(jax.random.fold_in(key, 201), (K, N), jnp.float32) * K ** -0.5).astype(jnp.bfloat16)
+    sa = jax.random.normal(jax.random.fold_in(key, 202), (chunks * 128, K), jnp.bfloat16)
+    sb = jax.random.normal(jax.random.fold_in(key, 203), (K, chunks * 256), jnp.bfloat16)
+    sbytes = (sa.nbytes + sb.nbytes) * passes
+    xla = jax.jit(lambda a, b: a @ b)
+    ref = np.asarray(xla(a, b), np.float32)
+    xla_us = spans(xla, (a, b))["span_us"]
+    record(dict(part="fused", name="xla_gemm", us=xla_us, tflops=flops / xla_us / 1e6))
+
+    def run(name, grid, stream_blocks, check=False):
+        row = dict(part="fused", name=name, grid=grid, stream_blocks=stream_blocks)
+        try:
+            fn = jax.jit(functools.partial(fused_matmul_stream, config=cfg, grid=grid,
+                                           stream_blocks=stream_blocks, passes=passes))
+            if check:
+                got = np.asarray(fn(a, b, sa, sb), np.float32)
+                row["rel_err"] = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+            row["us"] = spans(fn, (a, b, sa, sb))["span_us"]
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        record(row)
+        return row.get("us")
+
+    gemm_full = run("gemm only", 132, 0, check=True)
+    stream_full = run("stream only", 132, 132)
+    if gemm_full is None or stream_full is None:
+        return
+    record(dict(part="fused", name="full-width rates", gemm_tflops=flops / gemm_full / 1e6,
+                stream_gbs=sbytes / stream_full / 1e3, stream_of_copy=sbytes / stream_full / 1e3 / copy))
+    serial = min(gemm_full, xla_us) + stream_full
+    for blocks in (22, 33, 44, 55, 66):
+        s_alone = run(f"stream only, {blocks} blocks", blocks, blocks)
+        g_alone = run(f"gemm only, {132 - blocks} blocks", 132 - blocks, 0)
+        both = run(f"both, {blocks} + {132 - blocks}", 132, blocks, check=(blocks == 44))
+        if None in (s_alone, g_alone, both):
+            continue
+        record(dict(part="fused", name=f"summary {blocks}", stream_blocks=blocks,
+                    stream_alone_us=s_alone, gemm_alone_us=g_alone, both_us=both,
+                    max_alone_us=max(s_alone, g_alone), full_width_serial_us=serial,
+                    speedup_vs_serial=serial / both))
+
+
+def main():
+    out_dir = os.environ.get("OUT", "/tmp")
+    key = jax.random.key(0)
+    result = dict(device=str(jax.devices()[0]), jax=jax.__version__,
+                  xla_flags=os.environ.get("XLA_FLAGS", ""), rows=[])
+    rows = result["rows"]
+
+    def record(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    copy = copy_bandwidth_gbs()
+    result["copy_gbs"] = copy
+    print(f"copy {copy:.0f} GB/s", flush=True)
+
+    parts = set(sys.argv[1:]) or {"separate", "fused"}
+    if "separate" in parts:
+        separate_launches(record, copy, key)
+    if "fused" in parts:
+        one_launch(record, copy, key)
+
     with open(os.path.join(out_dir, "overlap.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     print("\npart    name/mode               B/S    us      rate      of copy/full  vs full-width serial")
@@ -255,6 +316,9 @@ def main():
         elif r["part"] == "gemm":
             print(f"{r['part']:7s} {r['name']:22s} {r['sms']:<5d} {r['us']:8.1f} "
                   f"{r['tflops']:6.0f} TF/s  {r.get('of_full', 1):.3f}")
+        elif r["part"] == "fused":
+            print(f"{r['part']:7s} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in r.items() if k != "part"))
         else:
             print(f"{r['part']:7s} {r['mode']:22s} {r['blocks']}/{r['sms']} {r['us']:8.1f} "
                   f"sum alone {r['stream_alone_us'] + r['gemm_alone_us']:7.1f}  "
