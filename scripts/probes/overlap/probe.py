@@ -13,7 +13,7 @@ K/V reads run under prefill's GEMMs (NanoFlow's overlap)?
 Times come from the profiler's device timeline (span of a call: first kernel start to last
 kernel end).
 
-    python scripts/probes/overlap/probe.py [stream] [gemm] [paired] [fused]
+    python scripts/probes/overlap/probe.py [stream] [gemm] [fused] [why]
 """
 import functools
 import json
@@ -283,6 +283,48 @@ def one_launch(record, copy, key):
                     speedup_vs_serial=serial / both))
 
 
+def one_launch_why(record, copy, key):
+    """Part 5: where the one launch loses. The same split with the stream held in L2 (8
+    chunks, 25 MB, re-read to the same byte count: no DRAM traffic from the stream), and with
+    a GEMM tile of 256 x 256 (two-thirds the operand reads per output of 128 x 256)."""
+    from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
+    D = hm.MatmulDimension
+    cfgs = {"128x256": hm.TuningConfig(128, 128, 64, 4, 64, 64, D.M, 16, D.N),
+            "256x256": hm.TuningConfig(128, 256, 64, 3, 64, 64, D.M, 16, D.M)}
+    a = jax.random.normal(jax.random.fold_in(key, 200), (M, K), jnp.bfloat16)
+    b = (jax.random.normal(jax.random.fold_in(key, 201), (K, N), jnp.float32) * K ** -0.5).astype(jnp.bfloat16)
+    ref = np.asarray(jax.jit(lambda a, b: a @ b)(a, b), np.float32)
+    flops = 2 * M * K * N
+    for cfg_name, cfg in cfgs.items():
+        cta_m = cfg.tile_m * (1 + (cfg.wg_dimension == D.M))
+        cta_n = cfg.tile_n * (1 + (cfg.wg_dimension == D.N))
+        for where, chunks, passes in (("dram", 680 * 384 // (cta_m + cta_n), 3),
+                                      ("l2", 8 * 384 // (cta_m + cta_n), 255)):
+            sa = jax.random.normal(jax.random.fold_in(key, 202), (chunks * cta_m, K), jnp.bfloat16)
+            sb = jax.random.normal(jax.random.fold_in(key, 203), (K, chunks * cta_n), jnp.bfloat16)
+            sbytes = (sa.nbytes + sb.nbytes) * passes
+            for grid, stream_blocks in ((132, 0), (88, 0), (44, 44), (132, 44), (99, 0), (33, 33), (132, 33)):
+                if where == "l2" and stream_blocks == 0:
+                    continue
+                row = dict(part="why", cfg=cfg_name, stream_in=where, grid=grid, stream_blocks=stream_blocks)
+                try:
+                    fn = jax.jit(functools.partial(fused_matmul_stream, config=cfg, grid=grid,
+                                                   stream_blocks=stream_blocks, passes=passes))
+                    if grid == 132:
+                        got = np.asarray(fn(a, b, sa, sb), np.float32)
+                        row["rel_err"] = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+                    us = spans(fn, (a, b, sa, sb))["span_us"]
+                    row["us"] = us
+                    if stream_blocks == 0:
+                        row["tflops"] = flops / us / 1e6
+                    elif grid == stream_blocks:
+                        row["stream_gbs"] = sbytes / us / 1e3
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                record(row)
+            del sa, sb
+
+
 def main():
     out_dir = os.environ.get("OUT", "/tmp")
     key = jax.random.key(0)
@@ -303,6 +345,8 @@ def main():
         separate_launches(record, copy, key)
     if "fused" in parts:
         one_launch(record, copy, key)
+    if "why" in parts:
+        one_launch_why(record, copy, key)
 
     with open(os.path.join(out_dir, "overlap.json"), "w") as fh:
         json.dump(result, fh, indent=1)
@@ -316,7 +360,7 @@ def main():
         elif r["part"] == "gemm":
             print(f"{r['part']:7s} {r['name']:22s} {r['sms']:<5d} {r['us']:8.1f} "
                   f"{r['tflops']:6.0f} TF/s  {r.get('of_full', 1):.3f}")
-        elif r["part"] == "fused":
+        elif r["part"] in ("fused", "why"):
             print(f"{r['part']:7s} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                 for k, v in r.items() if k != "part"))
         else:
