@@ -76,16 +76,20 @@ def quantize_rows(x, dtype=jnp.float8_e4m3fn):
     return to_cache_dtype(x.astype(jnp.float32) / scale[..., None], dtype), scale
 
 
+def encode_rows(x, dtype, scaled: bool):
+    """x [..., D] as a cache of `dtype` stores it: (rows, scales) for a ScaledCache,
+    (rows, None) for a plain one. The reference and the kernel's writes both use it."""
+    return quantize_rows(x, dtype) if scaled else (to_cache_dtype(x, dtype), None)
+
+
 def _write_rows(cache, x, slot_mapping):
     data, scale = split_cache(cache)
     num_pages, page_size, hkv, d = data.shape
+    x, s = encode_rows(x, data.dtype, scaled=scale is not None)
     if scale is not None:
-        x, s = quantize_rows(x, data.dtype)
         page, off = slot_mapping // page_size, slot_mapping % page_size
         heads = jnp.arange(hkv, dtype=slot_mapping.dtype)
         scale = scale.at[page[:, None], heads[None, :], off[:, None]].set(s, mode="drop")
-    else:
-        x = to_cache_dtype(x, data.dtype)
     flat = data.reshape(num_pages * page_size, hkv, d)
     data = flat.at[slot_mapping].set(x, mode="drop").reshape(data.shape)
     return data if scale is None else ScaledCache(data, scale)

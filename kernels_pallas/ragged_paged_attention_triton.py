@@ -69,8 +69,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels_pallas.ragged_paged_attention import (ScaledCache, is_float8, quantize_rows,
-                                                   split_cache, to_cache_dtype)
+from kernels_pallas.ragged_paged_attention import (ScaledCache, encode_rows, is_float8,
+                                                   split_cache)
 
 # --------------------------------------------------------------------------------------
 # Triton parameters: the only place where block sizes, warps and stages are chosen.
@@ -334,12 +334,10 @@ def _write_new_rows(q_ref, slot_ref, k_ref, v_ref, new_kv_heads, kv_head, tok0, 
     mask = jnp.broadcast_to(mask, (w.shape[0], dp))
     for head0, ref, scale_ref in zip(new_kv_heads, (k_ref, v_ref), (ks_ref, vs_ref)):
         rows = plgpu.load(_row_ref(q_ref, tok0 + w, head0 + kv_head, dp), mask=mask, other=0.0)
+        rows, scale = encode_rows(rows, ref.dtype, scaled=scale_ref is not None)
         if scale_ref is not None:
-            rows, scale = quantize_rows(rows, ref.dtype)
             plgpu.store(scale_ref.at[slot // page_size, kv_head, slot % page_size], scale,
                         mask=ok)
-        else:
-            rows = to_cache_dtype(rows, ref.dtype)
         plgpu.store(_row_ref(ref, slot, kv_head, dp), rows, mask=mask)
 
 
