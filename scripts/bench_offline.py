@@ -145,6 +145,7 @@ DEFAULT_OUT = "docs/benchmarks/offline-cpu.json"
 
 def main():
     from atom_jax.config import KV_CACHE_DTYPES
+    from scripts.bench_common import DEFAULT_MAX_NUM_SEQS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
@@ -160,7 +161,7 @@ def main():
                         help="default: 512 for streams, 2048 for the throughput workloads")
     parser.add_argument("--no-peer", action="store_true", help="skip the transformers runs")
     parser.add_argument("--workload", default="streams", choices=["streams", *WORKLOADS])
-    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS)
     parser.add_argument("--requests", type=int, default=None, help="override the workload's count")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                         help="EngineConfig.kv_cache_dtype (throughput workloads)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -16,8 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# bench_offline.py's --max-num-seqs default: runs with another count get rows of their own
-DEFAULT_MAX_NUM_SEQS = 256
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts.bench_common import DEFAULT_MAX_NUM_SEQS  # noqa: E402
 
 
 def load(directory: Path) -> dict[str, list[tuple[str, dict]]]:
